@@ -1,0 +1,234 @@
+import keras
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from keras_rdrop import kl_divergence, symmetric_kl_divergence
+from tests.testing import assert_allclose, np_kl, np_symmetric_kl, to_numpy
+
+RNG = np.random.default_rng(0)
+
+
+def logits(*shape, scale=3.0):
+    return (RNG.standard_normal(shape) * scale).astype("float32")
+
+
+def probs(*shape, axis=-1):
+    x = np.exp(logits(*shape))
+    return (x / x.sum(axis=axis, keepdims=True)).astype("float32")
+
+
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_kl_matches_numpy_logits(axis):
+    p, q = logits(4, 5, 6), logits(4, 5, 6)
+    out = kl_divergence(p, q, axis=axis)
+    assert tuple(out.shape) == tuple(np.delete(np.array(p.shape), axis))
+    assert_allclose(out, np_kl(p, q, axis=axis), rtol=1e-5)
+
+
+def test_symmetric_matches_numpy_logits():
+    p, q = logits(8, 10), logits(8, 10)
+    assert_allclose(symmetric_kl_divergence(p, q), np_symmetric_kl(p, q))
+
+
+def test_probabilities_with_exact_zeros():
+    p = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0]], "float32")
+    q = np.array([[0.5, 0.25, 0.25], [0.25, 0.5, 0.25]], "float32")
+    out = to_numpy(kl_divergence(p, q, from_logits=False))
+    assert np.all(np.isfinite(out))
+    assert_allclose(out, np_kl(p, q, from_logits=False))
+    # q has zero mass where p has some: the divergence is +inf, not NaN.
+    mirror = to_numpy(kl_divergence(q, p, from_logits=False))
+    assert np.all(np.isinf(mirror)) and not np.any(np.isnan(mirror))
+    # Identical distributions with zeros: exactly 0.
+    assert_allclose(symmetric_kl_divergence(p, p, from_logits=False), [0.0, 0.0])
+
+
+def test_probabilities_match_logits():
+    a, b = logits(6, 7), logits(6, 7)
+    pa = keras.ops.softmax(a)
+    pb = keras.ops.softmax(b)
+    assert_allclose(
+        symmetric_kl_divergence(pa, pb, from_logits=False),
+        symmetric_kl_divergence(a, b),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+def test_binary_outputs_use_bernoulli_kl(from_logits):
+    z1, z2 = logits(16, 1), logits(16, 1)
+    if from_logits:
+        p, q = z1, z2
+    else:
+        p = 1 / (1 + np.exp(-z1.astype(np.float64)))
+        q = 1 / (1 + np.exp(-z2.astype(np.float64)))
+        p, q = p.astype("float32"), q.astype("float32")
+    out = kl_divergence(p, q, from_logits=from_logits)
+    assert tuple(out.shape) == (16,)
+    expected = np_kl(p, q, from_logits=from_logits, distribution="bernoulli")
+    assert expected.min() >= 0 and expected.max() > 1e-3  # not the trivial 0
+    assert_allclose(out, expected, rtol=1e-4, atol=1e-6)
+    # Bernoulli KL equals the categorical KL over the two classes [0, z].
+    two_class = np.concatenate([np.zeros_like(z1), z1], -1)
+    two_class_q = np.concatenate([np.zeros_like(z2), z2], -1)
+    if from_logits:
+        assert_allclose(out, kl_divergence(two_class, two_class_q), rtol=1e-4)
+
+
+def test_multilabel_bernoulli_sums_over_labels():
+    p, q = logits(5, 3), logits(5, 3)
+    out = symmetric_kl_divergence(p, q, distribution="bernoulli")
+    assert_allclose(out, np_symmetric_kl(p, q, distribution="bernoulli"), rtol=1e-5)
+    cat = symmetric_kl_divergence(p, q, distribution="categorical")
+    assert not np.allclose(to_numpy(out), to_numpy(cat))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_inputs_computed_in_float32(dtype):
+    p, q = logits(8, 10), logits(8, 10)
+    p_low = keras.ops.cast(p, dtype)
+    q_low = keras.ops.cast(q, dtype)
+    out = symmetric_kl_divergence(p_low, q_low)
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
+    # The reference sees the same rounded inputs, so only float32 math error
+    # remains.
+    p_r = to_numpy(keras.ops.cast(p_low, "float32"))
+    q_r = to_numpy(keras.ops.cast(q_low, "float32"))
+    assert_allclose(out, np_symmetric_kl(p_r, q_r), rtol=1e-5, atol=1e-6)
+
+
+def test_extreme_logits_stay_finite_and_exact():
+    p = np.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 5.0]], "float32")
+    q = np.array([[-1e4, 1e4, 0.0], [-1e4, 1e4, -5.0]], "float32")
+    out = to_numpy(symmetric_kl_divergence(p, q))
+    assert np.all(np.isfinite(out))
+    assert_allclose(out, np_symmetric_kl(p, q), rtol=1e-6)
+    assert_allclose(out[0], 2e4, rtol=1e-6)
+
+
+def test_torch_kl_div_argument_order_mapping():
+    """`F.kl_div(input=log q, target=p)` is KL(p || q) = kl_divergence(p, q)."""
+    a, b = logits(6, 9), logits(6, 9)
+    lq = np_log_softmax_f64(b)
+    p_prob = np.exp(np_log_softmax_f64(a))
+    # What torch computes, written out: sum target * (log target - input).
+    torch_style = (p_prob * (np.log(p_prob) - lq)).sum(-1)
+    assert_allclose(kl_divergence(a, b), torch_style, rtol=1e-5)
+
+
+def np_log_softmax_f64(x):
+    x = x.astype(np.float64)
+    return (
+        x
+        - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+        - (x.max(-1, keepdims=True))
+    )
+
+
+@pytest.mark.torch
+def test_against_torch_functional_kl_div():
+    import torch
+    import torch.nn.functional as F
+
+    a, b = logits(6, 9), logits(6, 9)
+    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    expected = F.kl_div(F.log_softmax(tb, -1), F.softmax(ta, -1), reduction="none").sum(
+        -1
+    )
+    assert_allclose(kl_divergence(a, b), expected.numpy(), rtol=1e-5)
+
+
+def test_shape_mismatch_names_both_shapes():
+    with pytest.raises(ValueError, match=r"\(2, 3\).*\(2, 4\)"):
+        kl_divergence(np.zeros((2, 3)), np.zeros((2, 4)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"from_logits": "yes"}, TypeError, "from_logits"),
+        ({"axis": 1.5}, TypeError, "axis"),
+        ({"axis": 3}, ValueError, "axis"),
+        ({"distribution": "gaussian"}, ValueError, "distribution"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        symmetric_kl_divergence(np.zeros((2, 3)), np.zeros((2, 3)), **kwargs)
+
+
+def test_integer_inputs_are_a_type_error():
+    with pytest.raises(TypeError, match="floating-point"):
+        kl_divergence(np.array([[1, 2]]), np.array([[1, 2]]))
+
+
+def test_nan_propagates():
+    p = np.array([[np.nan, 0.0]], "float32")
+    assert np.isnan(to_numpy(kl_divergence(p, np.zeros((1, 2), "float32")))[0])
+
+
+def test_gradients_finite_for_zero_probabilities():
+    # 0 * log 0 must not turn into NaN gradients through `where`.
+    p = keras.Variable(np.array([[1.0, 0.0]], "float32"))
+    q = np.array([[0.5, 0.5]], "float32")
+    grad = _grad(lambda: keras.ops.sum(kl_divergence(p, q, from_logits=False)), p)
+    assert np.all(np.isfinite(grad))
+
+
+def _grad(fn, var):
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            value = fn()
+        return tape.gradient(value, var.value).numpy()
+    if backend == "jax":
+        import jax
+
+        def pure(v):
+            with keras.StatelessScope(state_mapping=[(var, v)]):
+                return fn()
+
+        return np.asarray(jax.grad(pure)(var.value))
+    import torch
+
+    value = fn()
+    (g,) = torch.autograd.grad(value, var.value)
+    return g.cpu().numpy()
+
+
+finite_logits = hnp.arrays(
+    np.float32,
+    hnp.array_shapes(min_dims=1, max_dims=3, min_side=1, max_side=5),
+    elements=st.floats(-50, 50, width=32),
+)
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(data=st.data())
+def test_properties(data):
+    p = data.draw(finite_logits)
+    q = data.draw(
+        hnp.arrays(np.float32, p.shape, elements=st.floats(-50, 50, width=32))
+    )
+    axis = data.draw(st.integers(-p.ndim, p.ndim - 1))
+    shift = data.draw(st.floats(-100, 100, width=32))
+    kl = to_numpy(kl_divergence(p, q, axis=axis))
+    skl = to_numpy(symmetric_kl_divergence(p, q, axis=axis))
+    assert np.all(kl >= -1e-5) and np.all(skl >= -1e-5)
+    assert_allclose(skl, to_numpy(symmetric_kl_divergence(q, p, axis=axis)), atol=1e-5)
+    assert_allclose(symmetric_kl_divergence(p, p, axis=axis), np.zeros(skl.shape))
+    # Invariant to a constant added to the logits (categorical only).
+    if p.shape[axis] > 1:
+        shifted = to_numpy(symmetric_kl_divergence(p + shift, q, axis=axis))
+        assert_allclose(shifted, skl, rtol=1e-3, atol=1e-3)
+    assert_allclose(skl, np_symmetric_kl(p, q, axis=axis), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,61 @@
+"""Test helpers: float64 NumPy references and assertions. No framework imports."""
+
+import keras
+import numpy as np
+
+
+def to_numpy(x):
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def assert_allclose(actual, expected, rtol=1e-5, atol=1e-6):
+    np.testing.assert_allclose(
+        to_numpy(actual).astype(np.float64), np.asarray(expected), rtol=rtol, atol=atol
+    )
+
+
+def np_log_softmax(x, axis=-1):
+    x = np.asarray(x, np.float64)
+    m = x.max(axis=axis, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
+
+
+def np_log_sigmoid(x):
+    x = np.asarray(x, np.float64)
+    return -np.logaddexp(0.0, -x)
+
+
+def np_kl(p, q, from_logits=True, axis=-1, distribution="auto"):
+    """KL(p || q) per position, float64, written independently of the package."""
+    p = np.asarray(p, np.float64)
+    q = np.asarray(q, np.float64)
+    if distribution == "auto":
+        distribution = "bernoulli" if p.shape[axis] == 1 else "categorical"
+    if distribution == "categorical":
+        if from_logits:
+            lp, lq = np_log_softmax(p, axis), np_log_softmax(q, axis)
+            pp = np.exp(lp)
+        else:
+            pp = p
+            with np.errstate(divide="ignore", invalid="ignore"):
+                lp, lq = np.log(p), np.log(q)
+        with np.errstate(invalid="ignore"):
+            terms = np.where(pp > 0, pp * (lp - lq), 0.0)
+        return terms.sum(axis=axis)
+    if from_logits:
+        p1 = np.exp(np_log_sigmoid(p))
+        lp1, lq1 = np_log_sigmoid(p), np_log_sigmoid(q)
+        lp0, lq0 = np_log_sigmoid(-p), np_log_sigmoid(-q)
+        p0 = np.exp(lp0)
+    else:
+        p1, p0 = p, 1 - p
+        with np.errstate(divide="ignore"):
+            lp1, lq1, lp0, lq0 = np.log(p), np.log(q), np.log(1 - p), np.log(1 - q)
+    with np.errstate(invalid="ignore"):
+        t1 = np.where(p1 > 0, p1 * (lp1 - lq1), 0.0)
+        t0 = np.where(p0 > 0, p0 * (lp0 - lq0), 0.0)
+    return (t1 + t0).sum(axis=axis)
+
+
+def np_symmetric_kl(p, q, **kwargs):
+    return 0.5 * (np_kl(p, q, **kwargs) + np_kl(q, p, **kwargs))
