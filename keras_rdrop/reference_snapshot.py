@@ -1,0 +1,180 @@
+"""`ReferenceSnapshot`: the frozen copy θ0 of a model's weights, and its KL term.
+
+It is a sub-layer of `RDropModel`, so its variables are model state on every
+backend: saved and restored with the model (`.keras`, `BackupAndRestore`),
+passed into the jitted JAX step, and never trained (they are non-trainable).
+It holds no variables until `ReferenceKLRegularizer` takes the snapshot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+from keras import ops
+
+from keras_rdrop.consistency_terms import PairwiseTerm, position_weights
+
+DIRECTIONS = ("forward", "reverse", "symmetric")
+_KIND = {"forward": "kl", "reverse": "reverse_kl", "symmetric": "symmetric_kl"}
+
+
+@dataclasses.dataclass
+class ReferenceSettings:
+    """What the training step reads at trace time."""
+
+    direction: str = "forward"
+    target_kl: float | None = None
+    horizon: float = 10000.0
+
+
+def _is_float(variable) -> bool:
+    return keras.backend.is_float_dtype(keras.backend.standardize_dtype(variable.dtype))
+
+
+def snapshot_weights(model: keras.Model) -> list:
+    """The weights a snapshot copies: every float weight of `model`, in order."""
+    return [w for w in model.weights if _is_float(w)]
+
+
+class ReferenceSnapshot(keras.layers.Layer):
+    """Holds θ0 as non-trainable variables and computes the reference KL.
+
+    Variables, in order: `beta` (the current weight of the penalty), then one
+    copy per float weight of the inner model (`snapshot_weights`).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(trainable=False, **kwargs)
+        self.ref_kl_tracker = keras.metrics.Mean(name="ref_kl")
+        self.settings: ReferenceSettings | None = None
+        self._value_map = None
+
+    @property
+    def active(self) -> bool:
+        return self.settings is not None and self.built
+
+    def build(self, weight_specs):
+        """Creates `beta` and one variable per `(shape, dtype)` in `weight_specs`."""
+        self.beta = self.add_weight(
+            shape=(), initializer="zeros", dtype="float32", trainable=False, name="beta"
+        )
+        self.ref_weights = [
+            self.add_weight(
+                shape=tuple(shape),
+                initializer="zeros",
+                dtype=dtype,
+                trainable=False,
+                name=f"ref_{i}",
+            )
+            for i, (shape, dtype) in enumerate(weight_specs)
+        ]
+
+    def take(self, model: keras.Model, dtype: str | None = None):
+        """Copies `model`'s current float weights into the snapshot."""
+        weights = snapshot_weights(model)
+        if not self.built:
+            specs = [
+                (tuple(w.shape), dtype or keras.backend.standardize_dtype(w.dtype))
+                for w in weights
+            ]
+            self.build(specs)
+        self.check_matches(model)
+        for ref, w in zip(self.ref_weights, weights):
+            ref.assign(ops.cast(w.value, ref.dtype))
+        self._value_map = None
+
+    def soft_update(self, model: keras.Model, tau: float):
+        """ref <- tau * θ + (1 - tau) * ref."""
+        for ref, w in zip(self.ref_weights, snapshot_weights(model)):
+            mixed = tau * ops.cast(w.value, "float32") + (1.0 - tau) * ops.cast(
+                ref.value, "float32"
+            )
+            ref.assign(ops.cast(mixed, ref.dtype))
+
+    def check_matches(self, model: keras.Model):
+        weights = snapshot_weights(model)
+        if len(weights) != len(self.ref_weights):
+            raise ValueError(
+                f"The reference snapshot holds {len(self.ref_weights)} weights but "
+                f"the model has {len(weights)}: it was taken from another model."
+            )
+        for ref, w in zip(self.ref_weights, weights):
+            if tuple(ref.shape) != tuple(w.shape):
+                raise ValueError(
+                    "The reference snapshot does not match the model: weight "
+                    f"{w.path!r} has shape {tuple(w.shape)} in the model but "
+                    f"{tuple(ref.shape)} in the reference."
+                )
+
+    def load_own_variables(self, store):
+        # A snapshot saved with the model is restored even into a fresh,
+        # never-snapshotted RDropModel: build it from the stored arrays first.
+        if not self.built and len(store.keys()) > 1:
+            count = len(store.keys())
+            specs = [
+                (store[f"{i}"].shape, str(store[f"{i}"].dtype)) for i in range(1, count)
+            ]
+            self.build(specs)
+        super().load_own_variables(store)
+        self._value_map = None
+
+    # ------------------------------------------------------------- training
+
+    def _reference_values(self, model):
+        if self._value_map is None:
+            weights = snapshot_weights(model)
+            self._value_map = {id(w): i for i, w in enumerate(weights)}
+
+        def value(variable):
+            index = self._value_map.get(id(variable))
+            if index is None:  # integer state such as seeds: not snapshotted
+                return variable.value
+            return ops.cast(self.ref_weights[index].value, variable.dtype)
+
+        return (
+            [value(v) for v in model.trainable_variables],
+            [value(v) for v in model.non_trainable_variables],
+        )
+
+    def penalty(self, rdrop_model, x, y_pred, sample_weight, batch_size):
+        """`beta * KL` between the live outputs and the reference's, on `x`."""
+        model = rdrop_model.model
+        trainable, non_trainable = self._reference_values(model)
+        ref_pred, _ = model.stateless_call(trainable, non_trainable, x, training=False)
+        flat_live = keras.tree.flatten(y_pred)
+        flat_ref = [ops.stop_gradient(t) for t in keras.tree.flatten(ref_pred)]
+        if len(flat_live) != len(flat_ref):
+            raise ValueError(
+                f"The reference gives {len(flat_ref)} outputs but the model gives "
+                f"{len(flat_live)}."
+            )
+        from keras_rdrop.rdrop_model import _flatten_weights
+
+        weights = _flatten_weights(sample_weight, len(flat_live))
+        kind = _KIND[self.settings.direction]
+        total = ops.zeros((), "float32")
+        for (name, term, _), live, ref, w in zip(
+            rdrop_model._output_specs(y_pred), flat_live, flat_ref, weights
+        ):
+            if tuple(live.shape[1:]) != tuple(ref.shape[1:]):
+                raise ValueError(
+                    f"The reference's output {name!r} has shape {tuple(ref.shape)} "
+                    f"but the model's has shape {tuple(live.shape)}."
+                )
+            if term is None:
+                continue
+            loss = rdrop_model._pairwise(term, kind)
+            total = total + loss(live, ref, sample_weight=position_weights(w, live))
+        self.ref_kl_tracker.update_state(total, sample_weight=batch_size)
+        beta = self.beta.value
+        settings = self.settings
+        if settings.target_kl is not None:
+            # Ziegler et al. (2019): proportional control of beta toward a
+            # target KL, clipped to +-20% error, over a horizon in examples.
+            error = ops.clip(
+                ops.stop_gradient(total) / settings.target_kl - 1.0, -0.2, 0.2
+            )
+            step = ops.cast(batch_size, "float32") / settings.horizon
+            self.beta.assign(beta * (1.0 + error * step))
+        return beta * total
