@@ -163,7 +163,9 @@ class RDropModel(keras.Model):
                 "`model` is already an `RDropModel`. Wrap the inner model once."
             )
         if mode not in MODES:
-            raise ValueError(f"`mode` should be one of {MODES}. Received: mode={mode!r}")
+            raise ValueError(
+                f"`mode` should be one of {MODES}. Received: mode={mode!r}"
+            )
         if from_logits is not None and not isinstance(from_logits, (bool, dict)):
             raise TypeError(
                 "`from_logits` should be None (read it from the compiled loss), a "
@@ -203,6 +205,12 @@ class RDropModel(keras.Model):
         return self.alpha > 0
 
     # ------------------------------------------------------------------ call
+
+    def build(self, input_shape=None):
+        # The inner model builds itself on its first call. The reference
+        # snapshot stays unbuilt until a `ReferenceKLRegularizer` fills it.
+        if not self.model.built and input_shape is not None:
+            self.model.build(input_shape)
 
     def call(self, inputs, training=None):
         stack = bool(training) and self.mode == "concat" and self._rdrop_enabled()

@@ -13,7 +13,7 @@ import dataclasses
 import keras
 from keras import ops
 
-from keras_rdrop.consistency_terms import PairwiseTerm, position_weights
+from keras_rdrop.consistency_terms import position_weights
 
 DIRECTIONS = ("forward", "reverse", "symmetric")
 _KIND = {"forward": "kl", "reverse": "reverse_kl", "symmetric": "symmetric_kl"}
@@ -81,7 +81,9 @@ class ReferenceSnapshot(keras.layers.Layer):
             self.build(specs)
         self.check_matches(model)
         for ref, w in zip(self.ref_weights, weights):
-            ref.assign(ops.cast(w.value, ref.dtype))
+            # A copy: on JAX the snapshot must not share the weight's buffer,
+            # which the training step donates.
+            ref.assign(ops.copy(ops.cast(w.value, ref.dtype)))
         self._value_map = None
 
     def soft_update(self, model: keras.Model, tau: float):
