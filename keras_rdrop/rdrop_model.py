@@ -326,7 +326,7 @@ class RDropModel(keras.Model):
         weights = _flatten_weights(sample_weight, len(flat_1))
         weighted = ops.zeros((), "float32")
         unweighted = ops.zeros((), "float32")
-        for (name, term, alpha), a, b, w in zip(
+        for (_name, term, alpha), a, b, w in zip(
             self._output_specs(y_pred_1), flat_1, flat_2, weights
         ):
             if term is None or alpha == 0:

@@ -180,7 +180,8 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
             isinstance(target_kl, numbers.Real) and target_kl > 0
         ):
             raise ValueError(
-                f"`target_kl` should be a positive float. Received: target_kl={target_kl!r}"
+                "`target_kl` should be a positive float. Received: "
+                f"target_kl={target_kl!r}"
             )
         if target_kl is not None and callable(beta):
             raise ValueError(
