@@ -189,6 +189,10 @@ class RDropModel(keras.Model):
         self.reference = ReferenceSnapshot(name="reference")
         self._stacked_outputs = False
         self._training_step = False
+        if model.built:
+            # RDropModel has no weights of its own: it is built when the inner
+            # model is (BackupAndRestore, for one, requires a built model).
+            self.built = True
         if self._rdrop_enabled() and not has_stochastic_layer(model):
             warnings.warn(
                 f"The model {model.name!r} has no stochastic layer (Dropout, "
@@ -207,10 +211,10 @@ class RDropModel(keras.Model):
     # ------------------------------------------------------------------ call
 
     def build(self, input_shape=None):
-        # The inner model builds itself on its first call. The reference
-        # snapshot stays unbuilt until a `ReferenceKLRegularizer` fills it.
-        if not self.model.built and input_shape is not None:
-            self.model.build(input_shape)
+        # Nothing to create: the inner model builds itself on its first call,
+        # and the reference snapshot stays empty until a
+        # `ReferenceKLRegularizer` fills it.
+        pass
 
     def call(self, inputs, training=None):
         stack = bool(training) and self.mode == "concat" and self._rdrop_enabled()
@@ -291,6 +295,12 @@ class RDropModel(keras.Model):
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
         self._training_step = bool(training)
+        if training and self.loss is None and not self.losses:
+            # Keras' JAX trainer would silently train on a zero loss.
+            raise ValueError(
+                "No loss to compute: RDropModel needs the task loss. Provide a "
+                "`loss` argument in `compile()`."
+            )
         if not training:
             return super().compute_loss(x, y, y_pred, sample_weight, training=False)
         if self._stacked_outputs:
@@ -301,11 +311,13 @@ class RDropModel(keras.Model):
             if self._rdrop_enabled():
                 y_pred_2 = self.model(x, training=True)
         batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
-        task_loss = super().compute_loss(x, y, y_pred_1, sample_weight, training=True)
+        task_loss = super().compute_loss(
+            x, y, y_pred_1, _copy(sample_weight), training=True
+        )
         total = task_loss
         if y_pred_2 is not None:
             task_loss_2 = super().compute_loss(
-                x, y, y_pred_2, sample_weight, training=True
+                x, y, y_pred_2, _copy(sample_weight), training=True
             )
             task_loss = 0.5 * (task_loss + task_loss_2)
             consistency = self._consistency(y_pred_1, y_pred_2, sample_weight)
@@ -323,7 +335,7 @@ class RDropModel(keras.Model):
     def _consistency(self, y_pred_1, y_pred_2, sample_weight):
         flat_1 = keras.tree.flatten(y_pred_1)
         flat_2 = keras.tree.flatten(y_pred_2)
-        weights = _flatten_weights(sample_weight, len(flat_1))
+        weights = _flatten_weights(_copy(sample_weight), len(flat_1))
         weighted = ops.zeros((), "float32")
         unweighted = ops.zeros((), "float32")
         for (_name, term, alpha), a, b, w in zip(
@@ -376,6 +388,15 @@ class RDropModel(keras.Model):
             config["model"], custom_objects=custom_objects
         )
         return cls(**config)
+
+
+def _copy(sample_weight):
+    # Keras' loss reduction multiplies a masked `sample_weight` in place
+    # (`sample_weight *= mask`), which on torch mutates the caller's tensor:
+    # each use gets its own copy.
+    if sample_weight is None:
+        return None
+    return keras.tree.map_structure(ops.copy, sample_weight)
 
 
 def _flatten_weights(sample_weight, num_outputs):

@@ -151,9 +151,9 @@ class ReferenceSnapshot(keras.layers.Layer):
                 f"The reference gives {len(flat_ref)} outputs but the model gives "
                 f"{len(flat_live)}."
             )
-        from keras_rdrop.rdrop_model import _flatten_weights
+        from keras_rdrop.rdrop_model import _copy, _flatten_weights
 
-        weights = _flatten_weights(sample_weight, len(flat_live))
+        weights = _flatten_weights(_copy(sample_weight), len(flat_live))
         kind = _KIND[self.settings.direction]
         total = ops.zeros((), "float32")
         for (name, term, _), live, ref, w in zip(
