@@ -10,6 +10,7 @@ import keras
 from keras import ops
 
 from keras_rdrop.consistency_terms import PairwiseTerm, position_weights
+from keras_rdrop import keras_hub_support
 from keras_rdrop.masking import get_keras_mask, set_keras_mask
 from keras_rdrop.output_specs import describe_loss, flatten_like_outputs
 from keras_rdrop.reference_snapshot import ReferenceSnapshot
@@ -365,6 +366,78 @@ class RDropModel(keras.Model):
             if not self._rdrop_enabled():
                 results.pop("kl_loss", None)
         return results
+
+    # ------------------------------------------ keras-hub task preprocessing
+
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        epochs=1,
+        verbose="auto",
+        callbacks=None,
+        validation_split=0.0,
+        validation_data=None,
+        shuffle=True,
+        class_weight=None,
+        sample_weight=None,
+        **kwargs,
+    ):
+        """Trains the model; see `keras.Model.fit`.
+
+        When the inner model is a keras-hub task with a preprocessor, raw
+        inputs (for example strings) are preprocessed by the task first, as the
+        task's own `fit` does (see `keras_rdrop.keras_hub_support`).
+        """
+        fn = keras_hub_support.task_preprocessor(self.model)
+        x, y, sample_weight = keras_hub_support.preprocess(fn, x, y, sample_weight)
+        validation_data = keras_hub_support.preprocess_validation(fn, validation_data)
+        return super().fit(
+            x=x,
+            y=y,
+            batch_size=batch_size,
+            epochs=epochs,
+            verbose=verbose,
+            callbacks=callbacks,
+            validation_split=validation_split,
+            validation_data=validation_data,
+            shuffle=shuffle,
+            class_weight=class_weight,
+            sample_weight=sample_weight,
+            **kwargs,
+        )
+
+    def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
+        """Evaluates the inner model; see `keras.Model.evaluate`."""
+        fn = keras_hub_support.task_preprocessor(self.model)
+        if kwargs.get("_use_cached_eval_dataset"):
+            fn = None  # validation inside `fit`: `fit` preprocessed it already
+        x, y, sample_weight = keras_hub_support.preprocess(fn, x, y, sample_weight)
+        return super().evaluate(
+            x=x, y=y, batch_size=batch_size, sample_weight=sample_weight, **kwargs
+        )
+
+    def predict(self, x, batch_size=None, **kwargs):
+        """Predicts with the inner model; see `keras.Model.predict`."""
+        fn = keras_hub_support.task_preprocessor(self.model)
+        x, _, _ = keras_hub_support.preprocess(fn, x)
+        return super().predict(x, batch_size=batch_size, **kwargs)
+
+    def train_on_batch(self, x, y=None, sample_weight=None, **kwargs):
+        fn = keras_hub_support.task_preprocessor(self.model)
+        x, y, sample_weight = keras_hub_support.preprocess(fn, x, y, sample_weight)
+        return super().train_on_batch(x, y, sample_weight=sample_weight, **kwargs)
+
+    def test_on_batch(self, x, y=None, sample_weight=None, **kwargs):
+        fn = keras_hub_support.task_preprocessor(self.model)
+        x, y, sample_weight = keras_hub_support.preprocess(fn, x, y, sample_weight)
+        return super().test_on_batch(x, y, sample_weight=sample_weight, **kwargs)
+
+    def predict_on_batch(self, x):
+        fn = keras_hub_support.task_preprocessor(self.model)
+        x, _, _ = keras_hub_support.preprocess(fn, x)
+        return super().predict_on_batch(x)
 
     # ---------------------------------------------------------- serialization
 
