@@ -1,4 +1,4 @@
-"""keras-hub tasks: apply the task's preprocessor in `RDropModel`'s fit/evaluate/predict.
+"""keras-hub tasks: run the task's preprocessor in RDropModel's fit and predict.
 
 A keras-hub `Task` (`TextClassifier`, `CausalLM`, ...) accepts raw inputs
 (strings) in `fit`, `evaluate` and `predict` and runs its `preprocessor` on

@@ -9,8 +9,8 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_rdrop.consistency_terms import PairwiseTerm, position_weights
 from keras_rdrop import keras_hub_support
+from keras_rdrop.consistency_terms import PairwiseTerm, position_weights
 from keras_rdrop.masking import get_keras_mask, set_keras_mask
 from keras_rdrop.output_specs import describe_loss, flatten_like_outputs
 from keras_rdrop.reference_snapshot import ReferenceSnapshot
