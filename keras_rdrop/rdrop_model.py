@@ -302,6 +302,13 @@ class RDropModel(keras.Model):
                 "No loss to compute: RDropModel needs the task loss. Provide a "
                 "`loss` argument in `compile()`."
             )
+        if y is None and self.loss is not None:
+            raise ValueError(
+                "RDropModel received a batch without targets: the data yields "
+                "`(x,)` or `x` alone, but the compiled loss needs `y`. Yield "
+                "`(x, y)` or `(x, y, sample_weight)` batches (or pass `y=` to "
+                "`fit`)."
+            )
         if not training:
             return super().compute_loss(x, y, y_pred, sample_weight, training=False)
         if self._stacked_outputs:
@@ -393,6 +400,7 @@ class RDropModel(keras.Model):
         fn = keras_hub_support.task_preprocessor(self.model)
         x, y, sample_weight = keras_hub_support.preprocess(fn, x, y, sample_weight)
         validation_data = keras_hub_support.preprocess_validation(fn, validation_data)
+        _check_not_empty(x)
         return super().fit(
             x=x,
             y=y,
@@ -461,6 +469,16 @@ class RDropModel(keras.Model):
             config["model"], custom_objects=custom_objects
         )
         return cls(**config)
+
+
+def _check_not_empty(x):
+    leaves = keras.tree.flatten(x) if x is not None else []
+    if leaves and hasattr(leaves[0], "shape") and len(leaves[0].shape) > 0:
+        if leaves[0].shape[0] == 0:
+            raise ValueError(
+                "`x` is empty: it has 0 samples, so there is nothing to train on. "
+                f"Received: x with shape {tuple(leaves[0].shape)}"
+            )
 
 
 def _copy(sample_weight):
