@@ -104,7 +104,10 @@ class RDropModel(keras.Model):
             R-Drop paper does) and splits the output. The math is the same;
             with `"concat"`, BatchNormalization sees 2B rows (the same batch
             twice, so the same statistics) and updates its moving averages
-            once per step instead of twice. Defaults to `"concat"`.
+            once per step instead of twice. In this mode, calling the
+            `RDropModel` itself with `training=True` returns both passes
+            stacked along the batch axis; `predict`, `evaluate` and calls with
+            `training=False` return one pass. Defaults to `"concat"`.
         from_logits: Overrides what the compiled loss says: `True` for
             logits, `False` for probabilities, or a dict keyed by output name.
             Required for outputs whose loss is a custom callable. Defaults to
