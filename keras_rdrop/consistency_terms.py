@@ -66,3 +66,25 @@ def position_weights(sample_weight, output):
         sample_weight = ops.expand_dims(sample_weight, axis=-1)
     ones = ops.ones_like(ops.cast(output[..., 0], "float32"))
     return sample_weight * ones
+
+
+def num_replicas_in_sync() -> int:
+    """The number of `tf.distribute` replicas running the step, else 1."""
+    if keras.backend.backend() != "tensorflow":
+        return 1
+    import tensorflow as tf
+
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def unscale_for_distribution(value):
+    """Undoes the per-replica scaling of a loss value, for the logs.
+
+    Under `tf.distribute` Keras divides every loss by the number of replicas
+    so that the summed gradients are those of the global batch; a value logged
+    as a metric must be multiplied back (what Keras does for `loss`).
+    """
+    replicas = num_replicas_in_sync()
+    if replicas > 1:
+        value = ops.multiply(value, ops.cast(replicas, value.dtype))
+    return value

@@ -10,7 +10,11 @@ import keras
 from keras import ops
 
 from keras_rdrop import keras_hub_support
-from keras_rdrop.consistency_terms import PairwiseTerm, position_weights
+from keras_rdrop.consistency_terms import (
+    PairwiseTerm,
+    position_weights,
+    unscale_for_distribution,
+)
 from keras_rdrop.masking import get_keras_mask, set_keras_mask
 from keras_rdrop.output_specs import describe_loss, flatten_like_outputs
 from keras_rdrop.reference_snapshot import ReferenceSnapshot
@@ -333,10 +337,15 @@ class RDropModel(keras.Model):
             task_loss = 0.5 * (task_loss + task_loss_2)
             consistency = self._consistency(y_pred_1, y_pred_2, sample_weight)
             total = task_loss + consistency["weighted"]
+            # Under `tf.distribute` the loss values are scaled per replica;
+            # the logs show them unscaled, as Keras does for `loss`.
             self.kl_loss_tracker.update_state(
-                consistency["unweighted"], sample_weight=batch_size
+                unscale_for_distribution(consistency["unweighted"]),
+                sample_weight=batch_size,
             )
-        self.task_loss_tracker.update_state(task_loss, sample_weight=batch_size)
+        self.task_loss_tracker.update_state(
+            unscale_for_distribution(task_loss), sample_weight=batch_size
+        )
         if self.reference.active:
             total = total + self.reference.penalty(
                 self, x, y_pred_1, sample_weight, batch_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Any
 
@@ -219,10 +220,15 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
             )
         super().set_model(model)
         reference = model.reference
-        if self.reset_reference or not reference.built:
-            reference.take(model.model, dtype=self.reference_dtype)
-        else:
-            reference.check_matches(model.model)
+        # Under `tf.distribute`, snapshot variables are created in the model's
+        # strategy (mirrored like its weights), not on one device.
+        strategy = getattr(model, "distribute_strategy", None)
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            if self.reset_reference or not reference.built:
+                reference.take(model.model, dtype=self.reference_dtype)
+            else:
+                reference.check_matches(model.model)
+                reference.match_layouts(model.model)
         reference.settings = ReferenceSettings(
             direction=self.direction, target_kl=self.target_kl, horizon=self.horizon
         )

@@ -13,7 +13,11 @@ import dataclasses
 import keras
 from keras import ops
 
-from keras_rdrop.consistency_terms import position_weights
+from keras_rdrop.consistency_terms import (
+    num_replicas_in_sync,
+    position_weights,
+    unscale_for_distribution,
+)
 
 DIRECTIONS = ("forward", "reverse", "symmetric")
 _KIND = {"forward": "kl", "reverse": "reverse_kl", "symmetric": "symmetric_kl"}
@@ -54,21 +58,37 @@ class ReferenceSnapshot(keras.layers.Layer):
     def active(self) -> bool:
         return self.settings is not None and self.built
 
-    def build(self, weight_specs):
-        """Creates `beta` and one variable per `(shape, dtype)` in `weight_specs`."""
+    def build(self, weight_specs, layouts=None):
+        """Creates `beta` and one variable per `(shape, dtype)` in `weight_specs`.
+
+        `layouts`, one per spec, lays each copy out like the weight it copies
+        (a `keras.distribution` layout, as Keras' optimizers do for their
+        slots); `None` leaves it to the current distribution, if any.
+        """
+        # `aggregation="mean"`: the adaptive controller assigns `beta` inside
+        # the replicated step under `tf.distribute`.
         self.beta = self.add_weight(
-            shape=(), initializer="zeros", dtype="float32", trainable=False, name="beta"
+            shape=(),
+            initializer="zeros",
+            dtype="float32",
+            trainable=False,
+            aggregation="mean",
+            name="beta",
         )
-        self.ref_weights = [
-            self.add_weight(
-                shape=tuple(shape),
-                initializer="zeros",
-                dtype=dtype,
-                trainable=False,
-                name=f"ref_{i}",
-            )
-            for i, (shape, dtype) in enumerate(weight_specs)
-        ]
+        layouts = layouts or [None] * len(weight_specs)
+        # `add_weight` takes no layout: create the variables as it does.
+        with keras.name_scope(self.name, caller=self):
+            self.ref_weights = [
+                keras.Variable(
+                    initializer="zeros",
+                    shape=tuple(shape),
+                    dtype=dtype,
+                    trainable=False,
+                    name=f"ref_{i}",
+                    layout=layout,
+                )
+                for i, ((shape, dtype), layout) in enumerate(zip(weight_specs, layouts))
+            ]
 
     def take(self, model: keras.Model, dtype: str | None = None):
         """Copies `model`'s current float weights into the snapshot."""
@@ -78,8 +98,9 @@ class ReferenceSnapshot(keras.layers.Layer):
                 (tuple(w.shape), dtype or keras.backend.standardize_dtype(w.dtype))
                 for w in weights
             ]
-            self.build(specs)
+            self.build(specs, [getattr(w, "_layout", None) for w in weights])
         self.check_matches(model)
+        self.match_layouts(model)
         for ref, w in zip(self.ref_weights, weights):
             # A copy: on JAX the snapshot must not share the weight's buffer,
             # which the training step donates.
@@ -108,6 +129,18 @@ class ReferenceSnapshot(keras.layers.Layer):
                     f"{w.path!r} has shape {tuple(w.shape)} in the model but "
                     f"{tuple(ref.shape)} in the reference."
                 )
+
+    def match_layouts(self, model: keras.Model):
+        """Lays each copy out like its weight (JAX `keras.distribution`).
+
+        A snapshot restored from a file is built before it can see the
+        model's layouts: it is re-laid out here, shard by shard.
+        """
+        for ref, w in zip(self.ref_weights, snapshot_weights(model)):
+            layout = getattr(w, "_layout", None)
+            if layout is not None and getattr(ref, "_layout", None) is not layout:
+                ref._layout = layout
+                ref.assign(ref.value)  # JAX: re-distributed to `layout`
 
     def load_own_variables(self, store):
         # A snapshot saved with the model is restored even into a fresh,
@@ -168,15 +201,18 @@ class ReferenceSnapshot(keras.layers.Layer):
                 continue
             loss = rdrop_model._pairwise(term, kind)
             total = total + loss(live, ref, sample_weight=position_weights(w, live))
-        self.ref_kl_tracker.update_state(total, sample_weight=batch_size)
+        # `total` is scaled per replica under `tf.distribute`, like the loss.
+        kl = unscale_for_distribution(ops.stop_gradient(total))
+        self.ref_kl_tracker.update_state(kl, sample_weight=batch_size)
         beta = self.beta.value
         settings = self.settings
         if settings.target_kl is not None:
             # Ziegler et al. (2019): proportional control of beta toward a
             # target KL, clipped to +-20% error, over a horizon in examples.
-            error = ops.clip(
-                ops.stop_gradient(total) / settings.target_kl - 1.0, -0.2, 0.2
-            )
-            step = ops.cast(batch_size, "float32") / settings.horizon
+            # Under `tf.distribute` each replica steps by the global batch and
+            # the replicas' new values are averaged (`beta` aggregates "mean").
+            error = ops.clip(kl / settings.target_kl - 1.0, -0.2, 0.2)
+            global_batch = ops.cast(batch_size, "float32") * num_replicas_in_sync()
+            step = global_batch / settings.horizon
             self.beta.assign(beta * (1.0 + error * step))
         return beta * total
