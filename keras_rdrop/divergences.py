@@ -13,6 +13,8 @@ from typing import Any
 import keras
 from keras import ops
 
+from keras_rdrop.prediction_checks import check_values
+
 DISTRIBUTIONS = ("auto", "categorical", "bernoulli")
 
 
@@ -111,7 +113,54 @@ def _kl_terms(log_p, p, log_q, q, from_logits: bool):
     return ops.where(p > 0, term, ops.zeros_like(p))
 
 
-def _divergence(p, q, from_logits, axis, distribution, symmetric):
+def _symmetric_kl_from_logits(a, b, axis: int):
+    """Categorical symmetric KL of two logit tensors, with its own gradient.
+
+    Autodiff of `0.5 * sum((p - q) * (log p - log q))` keeps six tensors of
+    the logits' size alive from the forward pass to the backward pass
+    (`log p`, `p`, `log q`, `q` and the two differences). For a language
+    model's `(batch, length, vocabulary)` logits each is the size of the
+    logits, more than the two model passes themselves keep. The gradient
+    has a closed form in terms of the logits, so only `a` and `b` are kept
+    and the rest is recomputed in the backward pass:
+
+    ```
+    d = log p - log q
+    dS/da = 0.5 * (p * (d - sum(p * d)) + p - q)
+    dS/db = 0.5 * (q * (sum(q * d) - d) + q - p)
+    ```
+    """
+
+    def parts(a, b):
+        log_p = ops.log_softmax(a, axis=axis)
+        log_q = ops.log_softmax(b, axis=axis)
+        return log_p, log_q, ops.exp(log_p), ops.exp(log_q)
+
+    @ops.custom_gradient
+    def skl(a, b):
+        log_p, log_q, p, q = parts(a, b)
+        value = 0.5 * ops.sum((p - q) * (log_p - log_q), axis=axis)
+
+        # JAX and TensorFlow call `grad(upstream)`; torch calls
+        # `grad(a, b, upstream=...)` (see `keras.ops.custom_gradient`).
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            log_p, log_q, p, q = parts(a, b)
+            d = log_p - log_q
+            up = 0.5 * ops.expand_dims(upstream, axis)
+            p_d = ops.sum(p * d, axis=axis, keepdims=True)
+            q_d = ops.sum(q * d, axis=axis, keepdims=True)
+            grad_a = up * (p * (d - p_d) + p - q)
+            grad_b = up * (q * (q_d - d) + q - p)
+            return grad_a, grad_b
+
+        return value, grad
+
+    return skl(a, b)
+
+
+def _divergence(p, q, from_logits, axis, distribution, symmetric, check=True):
     from_logits = validate_from_logits(from_logits)
     axis = validate_axis(axis)
     distribution = validate_distribution(distribution)
@@ -119,6 +168,11 @@ def _divergence(p, q, from_logits, axis, distribution, symmetric):
     q = _as_float32(q, "q")
     _check_shapes(p, q, axis)
     distribution = _resolve_distribution(p, axis, distribution)
+    if check:
+        check_values(p, from_logits, distribution, axis, "p")
+        check_values(q, from_logits, distribution, axis, "q")
+    if symmetric and from_logits and distribution == "categorical":
+        return _symmetric_kl_from_logits(p, q, axis)
     p_states = _log_prob_states(p, from_logits, distribution, axis)
     q_states = _log_prob_states(q, from_logits, distribution, axis)
     total = None
@@ -157,8 +211,11 @@ def kl_divergence(p, q, from_logits: bool = True, axis: int = -1, distribution="
             with shape `[..., num_classes, ...]`.
         q: Predictions of the second distribution, the same shape as `p`.
         from_logits: Whether `p` and `q` are logits (`True`) or probabilities
-            (`False`). Probabilities may contain exact zeros. Defaults to
-            `True`.
+            (`False`). Probabilities may contain exact zeros. The first eager
+            call with each declaration reads the values and warns once if they
+            contradict it: probabilities outside [0, 1] or (categorical) not
+            summing to 1, or logits that look like a softmax output. Defaults
+            to `True`.
         axis: The class axis. Defaults to `-1`.
         distribution: `"categorical"` (softmax over `axis`), `"bernoulli"`
             (each entry along `axis` is an independent Bernoulli, such as a
@@ -199,7 +256,7 @@ def symmetric_kl_divergence(
             with shape `[..., num_classes, ...]`.
         q: Predictions of the second distribution, the same shape as `p`.
         from_logits: Whether `p` and `q` are logits (`True`) or probabilities
-            (`False`). Defaults to `True`.
+            (`False`), checked as in `kl_divergence`. Defaults to `True`.
         axis: The class axis. Defaults to `-1`.
         distribution: `"categorical"`, `"bernoulli"` or `"auto"`, as in
             `kl_divergence`. Defaults to `"auto"`.

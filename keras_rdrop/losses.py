@@ -44,7 +44,8 @@ class SymmetricKLDivergence(keras.losses.Loss):
 
     Args:
         from_logits: Whether the predictions are logits (`True`) or
-            probabilities (`False`, exact zeros allowed). Defaults to `True`.
+            probabilities (`False`, exact zeros allowed), checked once on
+            eager values as in `kl_divergence`. Defaults to `True`.
         axis: The class axis. Defaults to `-1`.
         distribution: `"categorical"`, `"bernoulli"` (independent sigmoid
             outputs, as for `BinaryCrossentropy`) or `"auto"` (Bernoulli when

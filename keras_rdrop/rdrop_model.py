@@ -17,6 +17,10 @@ from keras_rdrop.consistency_terms import (
 )
 from keras_rdrop.masking import get_keras_mask, set_keras_mask
 from keras_rdrop.output_specs import describe_loss, flatten_like_outputs
+from keras_rdrop.prediction_checks import (
+    check_output_activation,
+    output_activations,
+)
 from keras_rdrop.reference_snapshot import ReferenceSnapshot
 
 MODES = ("sequential", "concat")
@@ -115,7 +119,12 @@ class RDropModel(keras.Model):
         from_logits: Overrides what the compiled loss says: `True` for
             logits, `False` for probabilities, or a dict keyed by output name.
             Required for outputs whose loss is a custom callable. Defaults to
-            `None` (read from the loss).
+            `None` (read from the loss). A declaration that contradicts the
+            output layer's activation (a softmax output declared as logits, an
+            output with no activation declared as probabilities) gives one
+            `UserWarning` at the first training step; on torch, and with
+            `run_eagerly=True` on TensorFlow, the first step's values are
+            checked too (see `kl_divergence`).
         regression_consistency: Whether outputs with a regression loss (MSE,
             MAE, Huber, ...) get a mean-squared-difference term between the
             passes. Defaults to `False`.
@@ -197,6 +206,7 @@ class RDropModel(keras.Model):
         self.reference = ReferenceSnapshot(name="reference")
         self._stacked_outputs = False
         self._training_step = False
+        self._activations_checked = False
         if model.built:
             # RDropModel has no weights of its own: it is built when the inner
             # model is (BackupAndRestore, for one, requires a built model).
@@ -248,8 +258,19 @@ class RDropModel(keras.Model):
             _, overrides = flatten_like_outputs(
                 self.from_logits, y_pred, output_names, "from_logits"
             )
+        if not self._activations_checked:
+            # Read once (at trace time where the step is traced): a softmax
+            # output declared as logits, or a linear one as probabilities.
+            self._activations_checked = True
+            activations = output_activations(self.model)
+            if len(activations) != len(names):
+                activations = [None] * len(names)
+        else:
+            activations = [None] * len(names)
         specs = []
-        for name, loss, alpha, override in zip(names, losses, alphas, overrides):
+        for name, loss, alpha, override, activation in zip(
+            names, losses, alphas, overrides, activations
+        ):
             spec = describe_loss(loss, name)
             from_logits = spec.from_logits if override is None else override
             term = None
@@ -271,6 +292,7 @@ class RDropModel(keras.Model):
                         "Pass `from_logits=True` (or False, or a dict keyed by "
                         "output name) to RDropModel."
                     )
+                check_output_activation(activation, from_logits, name)
                 distribution = "bernoulli" if spec.kind == "bernoulli" else "auto"
                 term = (from_logits, distribution)
             specs.append((name, term, alpha))

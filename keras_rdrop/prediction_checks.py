@@ -1,0 +1,212 @@
+"""Warnings for predictions declared as logits that look like probabilities.
+
+Two checks, each warning once per process and kind of problem:
+
+- `check_values`: reads the values of concrete (eager) predictions. Declared
+  probabilities (`from_logits=False`) must lie in [0, 1] and, for a
+  categorical distribution, sum to 1 over the class axis. Declared logits
+  (`from_logits=True`) that lie in [0, 1] and sum to 1 over more than one
+  class were very likely probabilities. Traced values (inside `jit`,
+  `tf.function` or `torch.compile`) cannot be read and are not checked.
+- `check_output_activation`: reads a functional or Sequential model's output
+  layer, so it works when the training step is traced: a softmax or sigmoid
+  output declared as logits, or an output with no activation declared as
+  probabilities.
+
+Reading values costs a device-to-host copy (a sync on a GPU), so only the
+first eager call for each declaration (logits, categorical probabilities,
+Bernoulli probabilities) is read in a process: in an eager training loop that
+is the first step, and later steps cost nothing.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+from keras import ops
+
+# How far from 1 a sum of probabilities may be (16-bit softmax outputs summed
+# over a large vocabulary are off by a few 1e-3).
+SUM_TOLERANCE = 1e-2
+# Problems already reported in this process (each is warned once).
+_WARNED: set[str] = set()
+# Declarations whose values were already read once in this process.
+_CHECKED: set[str] = set()
+
+
+def reset_warnings() -> None:
+    """Forgets the checks and warnings so far, so they run again (tests)."""
+    _WARNED.clear()
+    _CHECKED.clear()
+
+
+def _warn_once(key: str, message: str, stacklevel: int = 3) -> None:
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)
+
+
+def values_readable(x) -> bool:
+    """Whether the values of `x` can be read now (it is not being traced).
+
+    This is the one place that asks the backend: Keras has no public
+    "is this a tracer" test.
+    """
+    if keras.backend.is_keras_tensor(x):
+        return False
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return not isinstance(x, jax.core.Tracer)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.executing_eagerly()
+    if backend == "torch":
+        import torch
+
+        return not torch.compiler.is_compiling()
+    return backend == "numpy"
+
+
+def _scalar(value) -> float:
+    # `float()` reads a 0-d eager tensor on every backend (torch: `.item()`),
+    # without the NumPy conversion that torch tensors warn about.
+    return float(value)
+
+
+def check_values(x, from_logits: bool, distribution: str, axis: int, name: str):
+    """Warns once if the values of `x` contradict `from_logits`.
+
+    Args:
+        x: float32 predictions.
+        from_logits: What the caller declared.
+        distribution: `"categorical"` or `"bernoulli"` (already resolved).
+        axis: The class axis.
+        name: The argument's name, for the message.
+    """
+    key_probabilities = f"probabilities-{distribution}"
+    key_logits = "logits-categorical"
+    if from_logits and (distribution != "categorical" or x.shape[axis] in (None, 1)):
+        return  # Logits of any value are valid; only softmax sums are telling.
+    key = key_logits if from_logits else key_probabilities
+    if key in _CHECKED or not values_readable(x):
+        return
+    _CHECKED.add(key)
+    x = ops.stop_gradient(x)
+    size = 1
+    for dim in x.shape:
+        size *= dim if dim is not None else 0
+    if size == 0:
+        return
+    low = _scalar(ops.min(x))
+    high = _scalar(ops.max(x))
+    if low != low or high != high:
+        return  # NaN: passed through to the result, not a declaration issue.
+    in_unit_range = low >= 0.0 and high <= 1.0
+    if distribution == "categorical":
+        sums = ops.sum(x, axis=axis)
+        error = _scalar(ops.max(ops.abs(sums - 1.0)))
+        sums_to_one = error <= SUM_TOLERANCE
+    else:
+        error, sums_to_one = 0.0, True
+    if from_logits:
+        if in_unit_range and sums_to_one:
+            _warn_once(
+                key_logits,
+                f"`{name}` was declared as logits (from_logits=True), but its "
+                "values lie in [0, 1] and sum to 1 over the class axis: they "
+                "look like probabilities (a softmax output). Pass "
+                "from_logits=False for probabilities, or feed the logits from "
+                "before the softmax (better: exact in log space).",
+                stacklevel=4,
+            )
+        return
+    if not in_unit_range:
+        _warn_once(
+            key_probabilities,
+            f"`{name}` was declared as probabilities (from_logits=False), but "
+            f"its values range over [{low:.4g}, {high:.4g}], outside [0, 1]: "
+            "they look like logits. Pass from_logits=True for logits.",
+            stacklevel=4,
+        )
+    elif not sums_to_one:
+        _warn_once(
+            key_probabilities,
+            f"`{name}` was declared as categorical probabilities "
+            "(from_logits=False), but they do not sum to 1 over axis "
+            f"{axis} (largest error {error:.3g}). Normalize them, pass "
+            "from_logits=True if they are logits, or use "
+            'distribution="bernoulli" for independent per-class '
+            "probabilities (multi-label sigmoid outputs).",
+            stacklevel=4,
+        )
+
+
+# A log_softmax output is valid as logits: softmax(log p) = p.
+_PROBABILITY_ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def output_activations(model: keras.Model) -> list[str | None]:
+    """The activation of each output layer, in `keras.tree.flatten` order.
+
+    Each entry is the activation's name (`"softmax"`, `"sigmoid"`, `"linear"`,
+    ...) or `None` where it cannot be read: a subclassed model, or an output
+    layer without an `activation` (such as a keras-hub reversible embedding).
+    """
+    outputs = getattr(model, "outputs", None)
+    if not outputs:
+        return []
+    names = []
+    for tensor in keras.tree.flatten(outputs):
+        history = getattr(tensor, "_keras_history", None)
+        layer = getattr(history, "operation", None)
+        names.append(_activation_name(layer))
+    return names
+
+
+def _activation_name(layer) -> str | None:
+    if layer is None:
+        return None
+    if isinstance(layer, keras.layers.Softmax):
+        return "softmax"
+    activation = getattr(layer, "activation", None)
+    if activation is None:
+        return None
+    if isinstance(activation, keras.layers.Layer):
+        return _activation_name(activation)
+    name = getattr(activation, "__name__", None)
+    return name if isinstance(name, str) else None
+
+
+def check_output_activation(
+    activation: str | None, from_logits: bool, output_name: str
+) -> None:
+    """Warns once if an output's activation contradicts `from_logits`."""
+    if activation is None:
+        return
+    if from_logits and activation in _PROBABILITY_ACTIVATIONS:
+        # Said here, so the value check need not say it again.
+        _CHECKED.add("logits-categorical")
+        _warn_once(
+            f"activation-{output_name}-logits",
+            f"Output {output_name!r} comes from a {activation} activation, so "
+            "it holds probabilities, but it is declared as logits "
+            "(from_logits=True, from the compiled loss or RDropModel). The KL "
+            "would treat the probabilities as logits. Remove the activation "
+            "(and keep from_logits=True: more exact), or compile with a loss "
+            "that has from_logits=False.",
+        )
+    elif not from_logits and activation == "linear":
+        _CHECKED.update(("probabilities-categorical", "probabilities-bernoulli"))
+        _warn_once(
+            f"activation-{output_name}-probabilities",
+            f"Output {output_name!r} comes from a layer with no activation, "
+            "so it holds logits, but it is declared as probabilities "
+            "(from_logits=False, from the compiled loss or RDropModel). Use a "
+            "loss with from_logits=True (or pass from_logits=True to "
+            "RDropModel), or add a softmax/sigmoid activation.",
+        )

@@ -1,0 +1,181 @@
+"""Logits declared as probabilities and the reverse: warned once, before harm.
+
+README, "What happens if": probabilities that do not sum to 1 or leave [0, 1],
+softmax values passed as logits, and a model output whose activation
+contradicts the compiled loss.
+"""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from keras_rdrop import (
+    RDropModel,
+    SymmetricKLDivergence,
+    kl_divergence,
+    prediction_checks,
+    symmetric_kl_divergence,
+)
+from tests.models import classification_data, mlp, sparse_ce
+
+
+@pytest.fixture(autouse=True)
+def fresh_checks():
+    prediction_checks.reset_warnings()
+    yield
+    prediction_checks.reset_warnings()
+
+
+def softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)).astype("float32")
+
+
+def logits(seed=0, shape=(8, 5)):
+    return np.random.default_rng(seed).normal(size=shape).astype("float32") * 3
+
+
+def declaration_warnings(fn):
+    """Runs `fn` and returns the messages of the declaration warnings it gave.
+
+    (`pytest.warns` would re-emit every other warning from this file, where the
+    pyproject filter for Keras' own NumPy deprecation no longer applies.)
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [
+        str(w.message)
+        for w in caught
+        if issubclass(w.category, UserWarning) and "declared" in str(w.message)
+    ]
+
+
+def no_warning(fn):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return fn()
+
+
+@pytest.mark.parametrize("fn", [kl_divergence, symmetric_kl_divergence])
+def test_probabilities_that_do_not_sum_to_one_warn_once(fn):
+    p = softmax(logits(0)) * 0.5  # in [0, 1], sums to 0.5
+    q = softmax(logits(1))
+    with pytest.warns(UserWarning, match=r"do not sum to 1 over axis -1.*0\.5"):
+        fn(p, q, from_logits=False)
+    no_warning(lambda: fn(p, q, from_logits=False))  # once per process
+
+
+def test_logits_declared_as_probabilities_warn():
+    with pytest.warns(UserWarning, match=r"outside \[0, 1\].*from_logits=True"):
+        kl_divergence(logits(0), logits(1), from_logits=False)
+
+
+def test_bernoulli_probabilities_outside_unit_range_warn():
+    p = logits(0, (8, 1))
+    with pytest.warns(UserWarning, match=r"outside \[0, 1\]"):
+        kl_divergence(p, np.full_like(p, 0.5), from_logits=False)
+
+
+def test_probabilities_declared_as_logits_warn():
+    p, q = softmax(logits(0)), softmax(logits(1))
+    with pytest.warns(UserWarning, match=r"look like probabilities"):
+        symmetric_kl_divergence(p, q, from_logits=True)
+
+
+def test_the_loss_class_checks_too():
+    p, q = softmax(logits(0)), softmax(logits(1))
+    with pytest.warns(UserWarning, match=r"look like probabilities"):
+        SymmetricKLDivergence(from_logits=True)(p, q)
+
+
+def test_valid_inputs_do_not_warn():
+    a, b = logits(0), logits(1)
+    no_warning(lambda: symmetric_kl_divergence(a, b, from_logits=True))
+    no_warning(
+        lambda: symmetric_kl_divergence(softmax(a), softmax(b), from_logits=False)
+    )
+    # Multi-label probabilities do not sum to 1 and need not.
+    p = np.random.default_rng(0).uniform(size=(8, 4)).astype("float32")
+    no_warning(
+        lambda: kl_divergence(p, p[::-1], from_logits=False, distribution="bernoulli")
+    )
+
+
+def test_nan_inputs_are_not_reported_as_a_declaration_problem():
+    p = softmax(logits(0))
+    p[0, 0] = np.nan
+    no_warning(lambda: kl_divergence(p, softmax(logits(1)), from_logits=False))
+
+
+def softmax_mlp():
+    return mlp(activation="softmax")
+
+
+@pytest.mark.parametrize(
+    "build, loss, match",
+    [
+        (softmax_mlp, sparse_ce(from_logits=True), "softmax activation"),
+        (mlp, "sparse_categorical_crossentropy", "no activation"),
+    ],
+    ids=["softmax-as-logits", "logits-as-probabilities"],
+)
+def test_rdrop_model_warns_when_the_output_activation_contradicts_the_loss(
+    build, loss, match
+):
+    x, y = classification_data()
+    model = RDropModel(build(), alpha=1.0)
+    model.compile(optimizer="adam", loss=loss)
+    messages = declaration_warnings(
+        lambda: model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    )
+    # One warning for the one mistake (the value check does not repeat it).
+    assert len(messages) == 1 and match in messages[0], messages
+
+
+class SubclassedSoftmax(keras.Model):
+    """An output layer the structural check cannot see into."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(16, activation="relu")
+        self.dropout = keras.layers.Dropout(0.3)
+        self.out = keras.layers.Dense(3)
+
+    def call(self, x, training=False):
+        h = self.dropout(self.hidden(x), training=training)
+        return keras.ops.softmax(self.out(h))
+
+
+def test_eager_training_reads_the_first_batch_of_a_subclassed_model():
+    # With run_eagerly the first step's values can be read on torch and
+    # TensorFlow (and always on torch); in a traced step (jit, tf.function)
+    # only the structural check runs, and it cannot see inside a subclassed
+    # model's call (README).
+    if keras.backend.backend() == "jax":
+        pytest.skip(
+            "JAX computes the loss under jax.value_and_grad even with "
+            "run_eagerly=True, so the predictions are tracers whose values "
+            "cannot be read; on JAX only the output-activation check runs "
+            "(README, 'What happens if')."
+        )
+    x, y = classification_data()
+    model = RDropModel(SubclassedSoftmax(), alpha=1.0)
+    model.compile(optimizer="adam", loss=sparse_ce(from_logits=True), run_eagerly=True)
+    messages = declaration_warnings(
+        lambda: model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    )
+    assert len(messages) == 1 and "look like probabilities" in messages[0], messages
+
+
+def test_correct_declarations_train_without_warnings():
+    x, y = classification_data()
+    for build, loss in [
+        (mlp, sparse_ce(from_logits=True)),
+        (softmax_mlp, "sparse_categorical_crossentropy"),
+    ]:
+        model = RDropModel(build(), alpha=1.0)
+        model.compile(optimizer="adam", loss=loss)
+        no_warning(lambda m=model: m.fit(x, y, batch_size=16, epochs=1, verbose=0))
