@@ -1,6 +1,11 @@
+import warnings
+
 import keras
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from keras_rdrop import SymmetricKLDivergence
 from tests.testing import assert_allclose, np_symmetric_kl, to_numpy
@@ -148,3 +153,60 @@ def test_equals_original_rdrop_compute_kl_loss():
         compute_kl_loss(p, q).item(),
         rtol=1e-5,
     )
+
+
+def _np_softmax(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _np_reduce(values, weights, reduction):
+    weighted = values * weights
+    if reduction == "none":
+        return weighted
+    if reduction == "sum":
+        return weighted.sum()
+    if reduction == "mean_with_sample_weight":
+        return weighted.sum() / weights.sum() if weights.sum() else 0.0
+    return weighted.sum() / weighted.size  # sum_over_batch_size
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_loss_properties_against_float64_numpy(data):
+    # Random shapes, input dtypes, weights acting as a padding mask (0/1) or
+    # as weights, reductions, logits up to +-1e4 or probabilities.
+    shape = data.draw(hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=5))
+    dtype = data.draw(st.sampled_from(["float16", "bfloat16", "float32", "float64"]))
+    from_logits = data.draw(st.booleans())
+    reduction = data.draw(
+        st.sampled_from(["sum", "sum_over_batch_size", "mean_with_sample_weight", "none"])
+    )
+    # float16 probabilities from logits beyond +-5 would underflow to 0.
+    bound = 1e4 if from_logits else 5.0
+    draw_logits = hnp.arrays(np.float64, shape, elements=st.floats(-bound, bound))
+    a, b = data.draw(draw_logits), data.draw(draw_logits)
+    weights = data.draw(
+        hnp.arrays(np.float64, shape[:-1], elements=st.sampled_from([0.0, 1.0, 0.5]))
+    )
+    if not from_logits:
+        a, b = _np_softmax(a), _np_softmax(b)
+    if dtype == "float64":  # NumPy float64 as given (JAX has no float64 by default)
+        p, q = a, b
+    else:
+        p, q = keras.ops.cast(a, dtype), keras.ops.cast(b, dtype)
+    loss = SymmetricKLDivergence(from_logits=from_logits, reduction=reduction)
+    with warnings.catch_warnings():
+        # Drawn logits can look like probabilities (rows of 0 and 1): the
+        # declaration warning is tested in test_prediction_checks.py.
+        warnings.simplefilter("ignore", UserWarning)
+        actual = to_numpy(loss(p, q, sample_weight=weights.astype("float32")))
+    # The reference sees the inputs as rounded to `dtype`.
+    p64 = a if dtype == "float64" else to_numpy(keras.ops.cast(p, "float32"))
+    q64 = b if dtype == "float64" else to_numpy(keras.ops.cast(q, "float32"))
+    p64, q64 = p64.astype("float64"), q64.astype("float64")
+    values = np_symmetric_kl(p64, q64, from_logits=from_logits)
+    expected = _np_reduce(values, weights, reduction)
+    assert np.all(np.isfinite(actual))
+    scale = 1.0 + float(np.max(np.abs(expected)))
+    assert_allclose(actual, expected, rtol=1e-3, atol=1e-4 * scale)
