@@ -179,9 +179,8 @@ def test_loss_properties_against_float64_numpy(data):
     shape = data.draw(hnp.array_shapes(min_dims=2, max_dims=3, min_side=1, max_side=5))
     dtype = data.draw(st.sampled_from(["float16", "bfloat16", "float32", "float64"]))
     from_logits = data.draw(st.booleans())
-    reduction = data.draw(
-        st.sampled_from(["sum", "sum_over_batch_size", "mean_with_sample_weight", "none"])
-    )
+    reductions = ["sum", "sum_over_batch_size", "mean_with_sample_weight", "none"]
+    reduction = data.draw(st.sampled_from(reductions))
     # float16 probabilities from logits beyond +-5 would underflow to 0.
     bound = 1e4 if from_logits else 5.0
     draw_logits = hnp.arrays(np.float64, shape, elements=st.floats(-bound, bound))
