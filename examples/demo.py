@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from backend_flag import add_backend_flag, select_backend  # noqa: E402
+from script_flags import add_backend_flag, select_backend  # noqa: E402
 
 
 def build_parser():

@@ -31,7 +31,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from backend_flag import add_backend_flag, select_backend  # noqa: E402
+from script_flags import (  # noqa: E402
+    add_backend_flag,
+    add_output_flags,
+    parse_with_tiny,
+    select_backend,
+)
 
 TINY = dict(
     train_size=40,
@@ -104,17 +109,8 @@ def build_parser():
         help="where to write the PNG figures (default: docs/figures, or a "
         "temporary folder with --tiny)",
     )
-    parser.add_argument(
-        "--results", default=None, help="also write the markdown tables to this file"
-    )
-    parser.add_argument(
-        "--tiny",
-        action="store_true",
-        help="tiny defaults for a smoke test (other flags still apply): "
-        + ", ".join(f"{k}={v}" for k, v in TINY.items()),
-    )
-    parser.add_argument(
-        "--verbose", action="store_true", help="show Keras' progress bars"
+    add_output_flags(
+        parser, TINY, results_help="also write the markdown tables to this file"
     )
     parser.add_argument(
         "--run-eagerly",
@@ -126,10 +122,7 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    parser = build_parser()
-    if "--tiny" in (sys.argv[1:] if argv is None else argv):
-        parser.set_defaults(**TINY)  # explicit flags still win
-    return parser.parse_args(argv)
+    return parse_with_tiny(build_parser(), TINY, argv)
 
 
 # ------------------------------------------------------------------ training

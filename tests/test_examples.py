@@ -26,7 +26,7 @@ def examples():
         yield {
             name: importlib.import_module(name)
             for name in (
-                "backend_flag",
+                "script_flags",
                 "rdrop_demo_utils",
                 "mnist_rdrop",
                 "forgetting",
@@ -129,7 +129,7 @@ def test_same_seed_same_initial_weights(examples):
 
 
 def test_backend_flag(examples):
-    flag = examples["backend_flag"]
+    flag = examples["script_flags"]
     flag.select_backend(None)
     flag.select_backend(keras.backend.backend())  # already active: no-op
     other = next(b for b in flag.BACKENDS if b != keras.backend.backend())
