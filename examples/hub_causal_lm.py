@@ -276,15 +276,9 @@ def measure(lm, data):
 # ------------------------------------------------------------------- report
 
 
-def mean_std(values):
-    import numpy as np
-
-    values = np.asarray(values, dtype=float)
-    std = values.std(ddof=1) if len(values) > 1 else 0.0
-    return f"{values.mean():.1f} ± {std:.1f}"
-
-
 def table(rows):
+    from rdrop_demo_utils import mean_std
+
     lines = [
         "| model | alpha | beta | new (SMS) test ppl | old (TREC) test ppl "
         "| new val ppl | old val ppl | final ref_kl | fine-tune s |",
@@ -298,10 +292,10 @@ def table(rows):
         seconds = f"{sum(seconds) / len(seconds):.0f}" if None not in seconds else "-"
         lines.append(
             f"| {name} | {first['alpha']} | {first['beta']} "
-            f"| {mean_std([r['ppl']['new_test'] for r in runs])} "
-            f"| {mean_std([r['ppl']['old_test'] for r in runs])} "
-            f"| {mean_std([r['ppl']['new_val'] for r in runs])} "
-            f"| {mean_std([r['ppl']['old_val'] for r in runs])} "
+            f"| {mean_std([r['ppl']['new_test'] for r in runs], digits=1)} "
+            f"| {mean_std([r['ppl']['old_test'] for r in runs], digits=1)} "
+            f"| {mean_std([r['ppl']['new_val'] for r in runs], digits=1)} "
+            f"| {mean_std([r['ppl']['old_val'] for r in runs], digits=1)} "
             f"| {ref_kl} | {seconds} |"
         )
     return "\n".join(lines)

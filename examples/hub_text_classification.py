@@ -281,16 +281,9 @@ def train_arm(args, data, seed, alpha, beta):
 # ------------------------------------------------------------------- report
 
 
-def mean_std(values):
-    import numpy as np
-
-    values = np.asarray(values, dtype=float)
-    std = values.std(ddof=1) if len(values) > 1 else 0.0
-    return f"{values.mean():.4f} ± {std:.4f}"
-
-
 def table(arms):
     import numpy as np
+    from rdrop_demo_utils import mean_std
 
     lines = [
         "| arm | alpha | beta | test accuracy | test F1 (spam) | val F1 (spam) "
@@ -306,9 +299,9 @@ def table(arms):
         ]
         lines.append(
             f"| {name} | {first['alpha']:g} | {first['beta']:g} "
-            f"| {mean_std([r['test_accuracy'] for r in runs])} "
-            f"| {mean_std([r['test_f1'] for r in runs])} "
-            f"| {mean_std([r['val_f1'] for r in runs])} "
+            f"| {mean_std([r['test_accuracy'] for r in runs], digits=4)} "
+            f"| {mean_std([r['test_f1'] for r in runs], digits=4)} "
+            f"| {mean_std([r['val_f1'] for r in runs], digits=4)} "
             f"| {', '.join(str(r['best_epoch']) for r in runs)} "
             f"| {f'{np.mean(kl):.2e}' if kl else '-'} "
             f"| {np.mean(steady):.1f} |"
