@@ -160,6 +160,41 @@ def _symmetric_kl_from_logits(a, b, axis: int):
     return skl(a, b)
 
 
+def _kl_from_logits(a, b, axis: int):
+    """Categorical `KL(p || q)` of two logit tensors, with its own gradient.
+
+    As `_symmetric_kl_from_logits`: only `a` and `b` are kept for the
+    backward pass (autodiff would keep `log p`, `p` and `log p - log q`).
+
+    ```
+    d = log p - log q
+    dKL/da = p * (d - sum(p * d))
+    dKL/db = q - p
+    ```
+    """
+
+    @ops.custom_gradient
+    def kl(a, b):
+        log_p = ops.log_softmax(a, axis=axis)
+        log_q = ops.log_softmax(b, axis=axis)
+        value = ops.sum(ops.exp(log_p) * (log_p - log_q), axis=axis)
+
+        def grad(*args, upstream=None):
+            if upstream is None:  # JAX and TensorFlow: grad(upstream)
+                (upstream,) = args
+            log_p = ops.log_softmax(a, axis=axis)
+            log_q = ops.log_softmax(b, axis=axis)
+            p = ops.exp(log_p)
+            d = log_p - log_q
+            up = ops.expand_dims(upstream, axis)
+            p_d = ops.sum(p * d, axis=axis, keepdims=True)
+            return up * p * (d - p_d), up * (ops.exp(log_q) - p)
+
+        return value, grad
+
+    return kl(a, b)
+
+
 def _divergence(p, q, from_logits, axis, distribution, symmetric, check=True):
     from_logits = validate_from_logits(from_logits)
     axis = validate_axis(axis)
@@ -171,8 +206,10 @@ def _divergence(p, q, from_logits, axis, distribution, symmetric, check=True):
     if check:
         check_values(p, from_logits, distribution, axis, "p")
         check_values(q, from_logits, distribution, axis, "q")
-    if symmetric and from_logits and distribution == "categorical":
-        return _symmetric_kl_from_logits(p, q, axis)
+    if from_logits and distribution == "categorical":
+        if symmetric:
+            return _symmetric_kl_from_logits(p, q, axis)
+        return _kl_from_logits(p, q, axis)
     p_states = _log_prob_states(p, from_logits, distribution, axis)
     q_states = _log_prob_states(q, from_logits, distribution, axis)
     total = None

@@ -165,7 +165,10 @@ class ReferenceSnapshot(keras.layers.Layer):
             index = self._value_map.get(id(variable))
             if index is None:  # integer state such as seeds: not snapshotted
                 return variable.value
-            return ops.cast(self.ref_weights[index].value, variable.dtype)
+            ref = self.ref_weights[index]
+            if ref.dtype == variable.dtype:
+                return ref.value  # no cast op per weight and step (eager torch)
+            return ops.cast(ref.value, variable.dtype)
 
         return (
             [value(v) for v in model.trainable_variables],

@@ -189,17 +189,20 @@ def _finite_difference_grad(fn, x, eps=1e-6):
     return grad
 
 
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "kl"])
 @pytest.mark.parametrize("shape, axis", [((4, 5), -1), ((2, 5, 3), 1)])
-def test_symmetric_kl_gradient_matches_float64_finite_differences(shape, axis):
-    # The logits path has a hand-written gradient (it keeps only the logits
-    # for the backward pass); check it against the float64 reference.
+def test_kl_gradient_matches_float64_finite_differences(shape, axis, symmetric):
+    # The logits paths have hand-written gradients (they keep only the
+    # logits for the backward pass); check them against the float64 reference.
     rng = np.random.default_rng(0)
     a = rng.normal(size=shape) * 2
     b = rng.normal(size=shape) * 2
-    w = rng.uniform(0.5, 2.0, size=np_symmetric_kl(a, b, axis=axis).shape)
+    np_fn = np_symmetric_kl if symmetric else np_kl
+    fn = symmetric_kl_divergence if symmetric else kl_divergence
+    w = rng.uniform(0.5, 2.0, size=np_fn(a, b, axis=axis).shape)
 
     def reference(a_, b_):
-        return float(np.sum(w * np_symmetric_kl(a_, b_, axis=axis)))
+        return float(np.sum(w * np_fn(a_, b_, axis=axis)))
 
     for wrt, other in [("a", b), ("b", a)]:
         var = keras.Variable((a if wrt == "a" else b).astype("float32"))
@@ -207,8 +210,8 @@ def test_symmetric_kl_gradient_matches_float64_finite_differences(shape, axis):
 
         def loss(var=var, const=const, wrt=wrt):
             pair = (var, const) if wrt == "a" else (const, var)
-            skl = symmetric_kl_divergence(*pair, axis=axis)
-            return keras.ops.sum(keras.ops.multiply(w.astype("float32"), skl))
+            value = fn(*pair, axis=axis)
+            return keras.ops.sum(keras.ops.multiply(w.astype("float32"), value))
 
         actual = _grad(loss, var)
         if wrt == "a":
