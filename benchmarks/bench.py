@@ -78,9 +78,21 @@ VARIANT_HELP = {
 QUICK_VARIANTS = ("plain", "rdrop_seq", "rdrop_concat", "anchor")
 QUICK_LOOPS = ("torch_plain", "torch_rdrop")
 # (steps per round, rounds, steps skipped at the start of each round)
-FULL_SIZES = {"mlp": (20, 12, 2), "transformer": (4, 6, 1)}
-QUICK_SIZES = {"mlp": (10, 3, 2), "transformer": (3, 2, 1)}
-MODELS_BATCH = {"mlp": 128, "transformer": 32}  # the issue's batch sizes
+FULL_SIZES = {
+    "mlp": (20, 12, 2),
+    "transformer": (4, 12, 1),
+    "bert_tiny": (4, 8, 1),
+    "lm50k": (3, 3, 1),
+}
+QUICK_SIZES = {
+    "mlp": (10, 3, 2),
+    "transformer": (3, 2, 1),
+    "bert_tiny": (3, 2, 1),
+    "lm50k": (2, 1, 1),
+}
+MODEL_NAMES = tuple(FULL_SIZES)
+# The issue's batch sizes (keras_models.MODELS holds them too).
+MODELS_BATCH = {"mlp": 128, "transformer": 32, "bert_tiny": 32, "lm50k": 2}
 
 
 # =====================================================================
@@ -396,9 +408,19 @@ def _build_keras_variant(variant, model_name, backend, jit, sync_every_step=Fals
             global_clipnorm=keras_models.CLIPNORM,
         ),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        # keras-hub tasks default to an accuracy metric ("auto"); no variant
+        # computes metrics.
+        metrics=None,
         jit_compile={"on": backend != "torch", "auto": "auto", "off": False}[jit],
     )
     return model, callbacks, inner
+
+
+def _first_rows(x, n):
+    """The first `n` rows of an array or of each array of a dict."""
+    if isinstance(x, dict):
+        return {k: v[:n] for k, v in x.items()}
+    return x[:n]
 
 
 def _saved_mb(step, params) -> float:
@@ -457,6 +479,65 @@ def _xla_memory(model, x, y) -> dict | None:
         return {"error": repr(error)}
 
 
+def _tf_xla_dump_dir(spec: dict) -> str | None:
+    """Makes TensorFlow's XLA dump the compiled train step's buffer assignment.
+
+    Only with `jit_compile=True` (`--jit on`), one variant per process. Must
+    run before TensorFlow is imported. The dump (a few MB of text and object
+    files) goes to a temporary folder that `_tf_xla_memory` reads and removes.
+    """
+    if spec["jit"] != "on" or len(spec["variants"]) != 1:
+        return None
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="bench-tf-xla-")
+    flags = (
+        f"--xla_dump_to={folder} --xla_dump_hlo_as_text "
+        "--xla_dump_hlo_module_re=.*one_step_on_data.*"
+    )
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flags).strip()
+    return folder
+
+
+def _tf_xla_memory(folder: str | None) -> dict | None:
+    """XLA's buffer assignment of TensorFlow's compiled train step, in MB.
+
+    The counterpart of `_xla_memory` on JAX, read from the dump: `temp` is
+    XLA's preallocated scratch buffer of the step (activations, gradients,
+    temporaries at their peak), `arguments` the parameters passed in
+    (variables, optimizer slots, the batch). With several compiled train
+    steps (a retrace), the largest.
+    """
+    if folder is None:
+        return None
+    try:
+        best = None
+        for path in Path(folder).glob("*one_step_on_data*buffer-assignment.txt"):
+            temp = arguments = 0
+            for match in re.finditer(
+                r"^allocation \d+: size (\d+), (.*)$", path.read_text(), re.M
+            ):
+                size, kind = int(match.group(1)), match.group(2)
+                if kind.startswith("preallocated-temp"):
+                    temp += size
+                elif kind.startswith("parameter"):
+                    arguments += size
+            if best is None or temp > best[0]:
+                best = (temp, arguments)
+        if best is None:
+            return {"error": "no XLA dump of the train step"}
+        mb = 1 / 2**20
+        return {
+            "temp_mb": best[0] * mb,
+            "arguments_mb": best[1] * mb,
+            "source": "XLA dump (TensorFlow)",
+        }
+    except Exception as error:  # noqa: BLE001 - informative only
+        return {"error": repr(error)}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def keras_worker(spec: dict):
     """Keras variants of one backend.
 
@@ -468,6 +549,7 @@ def keras_worker(spec: dict):
     """
     channel = Channel()
     backend = os.environ["KERAS_BACKEND"]
+    tf_xla_dump = _tf_xla_dump_dir(spec) if backend == "tensorflow" else None
     _set_framework_threads(backend, spec["threads"])
     import keras
     import keras_models
@@ -564,13 +646,13 @@ def keras_worker(spec: dict):
         # Nothing more runs until the driver has timed every other worker.
         channel.wait()
         finished = memory.finish()
+        xb, yb = _first_rows(x, batch_size), y[:batch_size]
         if backend == "jax":
-            finished["xla"] = _xla_memory(model, x[:batch_size], y[:batch_size])
+            finished["xla"] = _xla_memory(model, xb, yb)
+        if backend == "tensorflow":
+            finished["xla"] = _tf_xla_memory(tf_xla_dump)
         if backend == "torch":
-            data = (
-                keras.ops.convert_to_tensor(x[:batch_size]),
-                keras.ops.convert_to_tensor(y[:batch_size]),
-            )
+            data = keras.tree.map_structure(keras.ops.convert_to_tensor, (xb, yb))
             finished["autograd_saved_mb"] = _saved_mb(
                 lambda: model.train_step(data), [v.value for v in model.variables]
             )
@@ -909,9 +991,15 @@ def run_model(args, model_name: str, log_dir: Path) -> dict:
     def split(variants):
         return [[v] for v in variants] if per_variant else [list(variants)]
 
+    import keras_models  # numpy only
+
     result = {
         "model": model_name,
         "batch_size": batch_size,
+        # One float32 logits tensor of a batch, for models whose output
+        # dominates memory (lm50k); None otherwise.
+        "logits_bytes": keras_models.logits_bytes(model_name, batch_size),
+        "logits_shape": keras_models.logits_shape(model_name, batch_size),
         "steps_per_round": steps,
         "skipped_steps_per_round": skip,
         "rounds": rounds,
@@ -1128,7 +1216,7 @@ def summarize(result: dict) -> dict:
 
 
 def _exact(row) -> str:
-    """XLA scratch + arguments (JAX) or autograd-saved tensors (PyTorch)."""
+    """XLA scratch + arguments (JAX, TF with XLA) or autograd-saved (PyTorch)."""
     xla, saved = row.get("xla"), row.get("saved_mb")
     if xla and "temp_mb" in xla:
         return f"XLA temp {xla['temp_mb']:.1f}, args {xla['arguments_mb']:.1f}"
@@ -1280,6 +1368,8 @@ def markdown(run: dict) -> str:
             f"one copy of the weights: {_fmt(summary['weight_mb'], '.1f')} MB.",
             "",
         ]
+        if result.get("logits_bytes") and measured:
+            lines += copies_table(result, measured) + [""]
         lines += targets(summary)
     return "\n".join(lines) + "\n"
 
@@ -1294,12 +1384,85 @@ def _exact_mb(row):
     return None, None
 
 
+def copies_table(result: dict, rows: list[dict]) -> list[str]:
+    """Step memory counted in full-size logits tensors (sequence outputs).
+
+    The exact step memory (XLA scratch + arguments on JAX and on TensorFlow
+    with XLA, autograd-saved tensors on torch and in the PyTorch loop) and the
+    resident-set training growth (every backend; TensorFlow's allocator keeps
+    the step's buffers, so its step transient is near 0), each divided by the
+    size of one float32 logits tensor of the batch.
+    """
+    logits_mb = result["logits_bytes"] / 2**20
+    by = {(r["backend"], r["variant"]): r for r in rows}
+    plain_of = {"PyTorch loop": "torch_plain"}
+
+    def per_logits(value):
+        return None if value is None else value / logits_mb
+
+    body = []
+    for r in rows:
+        plain = by.get((r["backend"], plain_of.get(r["backend"], "plain")))
+        value, kind = _exact_mb(r)
+        base = _exact_mb(plain)[0] if plain else None
+        delta = None if value is None or base is None else value - base
+        growth = r["growth_mb"]
+        plain_growth = plain["growth_mb"] if plain else None
+        d_growth = (
+            None if growth is None or plain_growth is None else growth - plain_growth
+        )
+        xla = r.get("xla") or {}
+        label = {"XLA": "XLA temp + args", "saved": "autograd saved"}.get(kind, "—")
+        if kind == "XLA":
+            label += f" ({xla['temp_mb']:.1f} + {xla['arguments_mb']:.1f})"
+        body.append(
+            [
+                r["backend"],
+                r["variant"],
+                label,
+                _fmt(value, ".1f"),
+                _fmt(per_logits(value), ".2f"),
+                _fmt(delta, "+.1f"),
+                _fmt(per_logits(delta), "+.2f"),
+                _fmt(growth, ".1f"),
+                _fmt(per_logits(growth), ".2f"),
+                _fmt(per_logits(d_growth), "+.2f"),
+            ]
+        )
+    shape = " × ".join(f"{n:,}" for n in result["logits_shape"])
+    return [
+        f"Full-size copies: one logits tensor ({shape}, float32) is "
+        f"{result['logits_bytes']:,} bytes = {logits_mb:.1f} MB (MB = 2^20 "
+        "bytes throughout). Memory below in MB and in units of that tensor "
+        "(÷ logits); Δ against plain of the same backend (torch_plain for the "
+        "loop). Budget for R-Drop: Δ ≤ one more set of what a plain step "
+        "keeps, i.e. Δ ÷ logits ≤ plain's ÷ logits.",
+        "",
+        *_table(
+            [
+                "backend",
+                "variant",
+                "exact step memory",
+                "MB",
+                "÷ logits",
+                "Δ vs plain MB",
+                "Δ ÷ logits",
+                "RSS training growth MB",
+                "÷ logits",
+                "Δ ÷ logits",
+            ],
+            body,
+        ),
+    ]
+
+
 def memory_cell(by, backend, variant, weights, activations) -> str:
     """Δ memory of `variant` over plain against the budget, as text.
 
     Budget: one more set of what a plain step keeps: the plain step's XLA
-    scratch (JAX) or its autograd-saved tensors (torch backend, PyTorch loop);
-    with RSS only (TensorFlow), the activations the PyTorch loop saves. Plus
+    scratch (JAX; TensorFlow with XLA) or its autograd-saved tensors (torch
+    backend, PyTorch loop); with RSS only (TensorFlow without XLA), the
+    activations the PyTorch loop saves. Plus
     one copy of the weights for the anchor. Compared at the 0.1 MB shown.
     """
     row, plain = by.get((backend, variant)), by.get((backend, "plain"))
@@ -1411,9 +1574,12 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--model",
-        choices=("mlp", "transformer", "all"),
+        choices=(*MODEL_NAMES, "all"),
         default=None,
-        help="model to benchmark (default: all; mlp with --quick)",
+        help="model to benchmark: mlp, transformer (hand-written), bert_tiny "
+        "(keras-hub BertTextClassifier, BERT-tiny size, from config), lm50k "
+        "(per-position logits over a 50,257 vocabulary, for memory), or all "
+        "(default: mlp and transformer; mlp with --quick)",
     )
     parser.add_argument(
         "--all-backends",
@@ -1436,8 +1602,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--loops",
         default=None,
-        help="comma-separated PyTorch loop variants, or 'none' (default: all; "
-        "with --quick: " + ",".join(QUICK_LOOPS) + ")",
+        help="comma-separated PyTorch loop variants, or 'none' (default: the "
+        "peers of the Keras variants run; with --quick: " + ",".join(QUICK_LOOPS) + ")",
     )
     parser.add_argument("--quick", action="store_true", help="a short run (< 2 min)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds")
@@ -1462,7 +1628,8 @@ def parse_args(argv=None):
         "--batch-size",
         type=int,
         default=None,
-        help="override the batch size (default: mlp 128, transformer 32)",
+        help="override the batch size (default: mlp 128, transformer 32, "
+        "bert_tiny 32, lm50k 2)",
     )
     parser.add_argument(
         "--processes",
@@ -1575,8 +1742,11 @@ def main(argv=None):
         args.loop_variants = []
     elif args.loops:
         args.loop_variants = args.loops.split(",")
+    elif args.quick:
+        args.loop_variants = list(QUICK_LOOPS)
     else:
-        args.loop_variants = list(QUICK_LOOPS if args.quick else LOOP_VARIANTS)
+        peers = {KERAS_VARIANTS.get(v) for v in args.variants}
+        args.loop_variants = [v for v in LOOP_VARIANTS if v in peers]
     for v in args.variants:
         if v not in KERAS_VARIANTS:
             raise SystemExit(
@@ -1587,10 +1757,10 @@ def main(argv=None):
             raise SystemExit(f"unknown loop {v!r}; choose from {list(LOOP_VARIANTS)}")
     if args.loop_variants:
         args.pythons["loop"] = _resolve_python("loop", overrides, multi)
-    if args.model in (None, "all"):
-        models = (
-            ["mlp"] if (args.quick and args.model is None) else ["mlp", "transformer"]
-        )
+    if args.model is None:
+        models = ["mlp"] if args.quick else ["mlp", "transformer"]
+    elif args.model == "all":
+        models = list(MODEL_NAMES)
     else:
         models = [args.model]
 

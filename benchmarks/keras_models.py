@@ -28,6 +28,29 @@ MODELS = {
         "num_classes": 2,
         "dropout": 0.1,
     },
+    # keras-hub's BertBackbone at BERT-tiny size (google/bert_uncased_L-2_H-128
+    # _A-2), built from config: nothing is downloaded.
+    "bert_tiny": {
+        "batch_size": 32,
+        "vocab_size": 30522,
+        "seq_len": 128,
+        "max_sequence_length": 512,
+        "num_segments": 2,
+        "hidden_dim": 128,
+        "num_layers": 2,
+        "num_heads": 2,
+        "intermediate_dim": 512,
+        "num_classes": 2,
+        "dropout": 0.1,
+    },
+    # A large sequence output for memory: logits of shape (2, 512, 50257).
+    "lm50k": {
+        "batch_size": 2,
+        "vocab_size": 50257,
+        "seq_len": 512,
+        "width": 32,
+        "dropout": 0.1,
+    },
 }
 
 # Optimizer and loss settings shared by every variant, Keras and PyTorch.
@@ -39,17 +62,74 @@ ALPHA = 1.0  # R-Drop weight
 BETA = 0.1  # reference-KL weight
 
 
+def logits_shape(name: str, batch_size: int | None = None) -> list[int] | None:
+    """Shape of a batch's logits, for models whose output dominates memory.
+
+    Only `lm50k`: its logits (batch, length, vocabulary) are the unit in which
+    its memory table counts full-size copies. None for the others.
+    """
+    if name != "lm50k":
+        return None
+    cfg = MODELS[name]
+    return [batch_size or cfg["batch_size"], cfg["seq_len"], cfg["vocab_size"]]
+
+
+def logits_bytes(name: str, batch_size: int | None = None) -> int | None:
+    """Bytes of one float32 logits tensor of a batch (see `logits_shape`)."""
+    shape = logits_shape(name, batch_size)
+    return None if shape is None else 4 * shape[0] * shape[1] * shape[2]
+
+
+def _bert_inputs(cfg, num_samples, rng):
+    """Already-tokenized BERT inputs: [CLS] a [SEP] b [SEP], then padding.
+
+    Each row has a random length between half and all of `seq_len`; padding
+    has token id 0 and `padding_mask` 0. Ids 100-103 are BERT's special
+    tokens ([UNK], [CLS], [SEP], [MASK]); 0 is [PAD].
+    """
+    seq_len = cfg["seq_len"]
+    tokens = rng.integers(
+        1000, cfg["vocab_size"], size=(num_samples, seq_len), dtype=np.int32
+    )
+    lengths = rng.integers(seq_len // 2, seq_len + 1, size=num_samples)
+    splits = rng.integers(2, lengths - 1)
+    positions = np.arange(seq_len)[None, :]
+    padding = positions < lengths[:, None]
+    tokens[:, 0] = 101
+    tokens[np.arange(num_samples), splits] = 102
+    tokens[np.arange(num_samples), lengths - 1] = 102
+    tokens = np.where(padding, tokens, 0).astype(np.int32)
+    segments = ((positions > splits[:, None]) & padding).astype(np.int32)
+    return {
+        "token_ids": tokens,
+        "segment_ids": segments,
+        "padding_mask": padding.astype(np.int32),
+    }
+
+
 def make_data(name: str, num_samples: int, seed: int = 0):
-    """A fixed random dataset: `(x, y)` numpy arrays of `num_samples` rows."""
+    """A fixed random dataset: `(x, y)` numpy arrays of `num_samples` rows.
+
+    `x` is a dict of arrays for `bert_tiny` (token_ids, segment_ids,
+    padding_mask); `y` holds one class per row, or one token per position for
+    `lm50k`.
+    """
     cfg = MODELS[name]
     rng = np.random.default_rng(seed)
     if name == "mlp":
         x = rng.standard_normal((num_samples, cfg["in_dim"]), dtype=np.float32)
+    elif name == "bert_tiny":
+        x = _bert_inputs(cfg, num_samples, rng)
     else:
         x = rng.integers(
             1, cfg["vocab_size"], size=(num_samples, cfg["seq_len"]), dtype=np.int32
         )
-    y = rng.integers(0, cfg["num_classes"], size=(num_samples,), dtype=np.int32)
+    if name == "lm50k":
+        y = rng.integers(
+            0, cfg["vocab_size"], size=(num_samples, cfg["seq_len"]), dtype=np.int32
+        )
+    else:
+        y = rng.integers(0, cfg["num_classes"], size=(num_samples,), dtype=np.int32)
     return x, y
 
 
@@ -120,5 +200,53 @@ def build_transformer():
     return keras.Model(tokens, outputs, name="transformer")
 
 
+def build_bert_tiny():
+    """keras-hub's `BertTextClassifier` on a BERT-tiny `BertBackbone`.
+
+    Built from config, no preset: random weights, no download, no
+    preprocessor (the data is already tokenized). keras-hub is imported here
+    only, in the Keras worker.
+    """
+    import keras_hub
+
+    cfg = MODELS["bert_tiny"]
+    backbone = keras_hub.models.BertBackbone(
+        vocabulary_size=cfg["vocab_size"],
+        num_layers=cfg["num_layers"],
+        num_heads=cfg["num_heads"],
+        hidden_dim=cfg["hidden_dim"],
+        intermediate_dim=cfg["intermediate_dim"],
+        dropout=cfg["dropout"],
+        max_sequence_length=cfg["max_sequence_length"],
+        num_segments=cfg["num_segments"],
+    )
+    return keras_hub.models.BertTextClassifier(
+        backbone=backbone,
+        num_classes=cfg["num_classes"],
+        preprocessor=None,
+        dropout=cfg["dropout"],
+    )
+
+
+def build_lm50k():
+    """Embedding(50257, 32), dropout, Dense(50257): per-position logits."""
+    import keras
+
+    cfg = MODELS["lm50k"]
+    tokens = keras.Input((cfg["seq_len"],), dtype="int32", name="tokens")
+    h = keras.layers.Embedding(cfg["vocab_size"], cfg["width"])(tokens)
+    h = keras.layers.Dropout(cfg["dropout"])(h)
+    outputs = keras.layers.Dense(cfg["vocab_size"], name="logits")(h)
+    return keras.Model(tokens, outputs, name="lm50k")
+
+
+BUILDERS = {
+    "mlp": build_mlp,
+    "transformer": build_transformer,
+    "bert_tiny": build_bert_tiny,
+    "lm50k": build_lm50k,
+}
+
+
 def build_keras_model(name: str):
-    return {"mlp": build_mlp, "transformer": build_transformer}[name]()
+    return BUILDERS[name]()

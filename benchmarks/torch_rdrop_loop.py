@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import time
 
 import torch
@@ -92,11 +93,103 @@ class TransformerClassifier(nn.Module):
         return self.head(self.head_dropout(h.mean(dim=1)))
 
 
+class BertClassifier(nn.Module):
+    """keras-hub's `BertTextClassifier` on a `BertBackbone`, in PyTorch.
+
+    Token + position + segment embeddings summed, LayerNorm (epsilon 1e-12),
+    dropout; post-norm encoder layers with tanh-approximated GELU whose
+    feed-forward block has no dropout between its two Dense layers (keras-hub's
+    `TransformerEncoder`; `nn.TransformerEncoderLayer`'s inner dropout is
+    replaced by `nn.Identity`); a Dense-tanh pooler on the [CLS] position,
+    dropout, the classifier. Padding positions are masked out of attention.
+    """
+
+    def __init__(
+        self,
+        vocab_size=30522,
+        max_sequence_length=512,
+        num_segments=2,
+        hidden_dim=128,
+        num_layers=2,
+        num_heads=2,
+        intermediate_dim=512,
+        num_classes=2,
+        dropout=0.1,
+    ):
+        super().__init__()
+        self.token = nn.Embedding(vocab_size, hidden_dim)
+        self.position = nn.Embedding(max_sequence_length, hidden_dim)
+        self.segment = nn.Embedding(num_segments, hidden_dim)
+        self.norm = nn.LayerNorm(hidden_dim, eps=1e-12)
+        self.dropout = nn.Dropout(dropout)
+        layer = nn.TransformerEncoderLayer(
+            d_model=hidden_dim,
+            nhead=num_heads,
+            dim_feedforward=intermediate_dim,
+            dropout=dropout,
+            activation=functools.partial(F.gelu, approximate="tanh"),
+            layer_norm_eps=1e-12,
+            batch_first=True,
+        )
+        layer.dropout = nn.Identity()  # between linear1 and linear2
+        self.encoder = nn.TransformerEncoder(
+            layer, num_layers=num_layers, enable_nested_tensor=False
+        )
+        self.pooler = nn.Linear(hidden_dim, hidden_dim)
+        self.head_dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_dim, num_classes)
+
+    def forward(self, inputs):
+        tokens = inputs["token_ids"]
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        h = self.token(tokens) + self.position(positions)
+        h = h + self.segment(inputs["segment_ids"])
+        h = self.dropout(self.norm(h))
+        h = self.encoder(h, src_key_padding_mask=inputs["padding_mask"] == 0)
+        pooled = torch.tanh(self.pooler(h[:, 0]))
+        return self.head(self.head_dropout(pooled))
+
+
+class TokenLM(nn.Module):
+    """Embedding(50257, 32), dropout, Linear(32, 50257): per-position logits."""
+
+    def __init__(self, vocab_size=50257, width=32, dropout=0.1):
+        super().__init__()
+        self.token = nn.Embedding(vocab_size, width)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(width, vocab_size)
+
+    def forward(self, tokens):
+        return self.head(self.dropout(self.token(tokens)))
+
+
 def build_model(name: str) -> nn.Module:
+    from keras_models import MODELS  # numpy only; shared with the Keras side
+
+    cfg = MODELS[name]
     if name == "mlp":
         return MLP()
     if name == "transformer":
         return TransformerClassifier()
+    if name == "bert_tiny":
+        return BertClassifier(
+            **{
+                k: cfg[k]
+                for k in (
+                    "vocab_size",
+                    "max_sequence_length",
+                    "num_segments",
+                    "hidden_dim",
+                    "num_layers",
+                    "num_heads",
+                    "intermediate_dim",
+                    "num_classes",
+                    "dropout",
+                )
+            }
+        )
+    if name == "lm50k":
+        return TokenLM(cfg["vocab_size"], cfg["width"], cfg["dropout"])
     raise ValueError(f"unknown model {name!r}")
 
 
@@ -165,21 +258,25 @@ class Trainer:
         model.train()
         rdrop = self.variant in ("torch_rdrop", "torch_rdrop_anchor")
 
+        # Sequence outputs (lm50k) as (batch * length, vocab) rows; targets
+        # as (batch * length,). A no-op for classifiers.
+        y = y.reshape(-1)
+
         # keep dropout and forward twice
-        logits = model(x)
+        logits = _rows(model(x))
         if rdrop:
-            logits2 = model(x)
+            logits2 = _rows(model(x))
             # cross entropy loss for classifier
             ce_loss = 0.5 * (F.cross_entropy(logits, y) + F.cross_entropy(logits2, y))
             kl_loss = compute_kl_loss(logits, logits2)
-            # `compute_kl_loss` sums over the batch; keras-rdrop averages.
-            loss = ce_loss + self.alpha / x.shape[0] * kl_loss
+            # `compute_kl_loss` sums over the rows; keras-rdrop averages.
+            loss = ce_loss + self.alpha / y.shape[0] * kl_loss
         else:
             loss = F.cross_entropy(logits, y)
 
         if self.ref_model is not None:
             with torch.no_grad():
-                ref_logits = self.ref_model(x)
+                ref_logits = _rows(self.ref_model(x))
             # KL(p_theta || p_theta0) = F.kl_div(log p_theta0, p_theta).
             ref_kl = F.kl_div(
                 F.log_softmax(ref_logits, dim=-1),
@@ -196,27 +293,42 @@ class Trainer:
         return loss
 
 
+def _rows(logits):
+    """Logits as rows of classes: (..., classes) -> (N, classes)."""
+    return logits.reshape(-1, logits.shape[-1])
+
+
 # ----------------------------------------------------------------- utilities
 
 
 def make_batches(name: str, steps: int, batch_size: int, device="cpu", seed=0):
-    """The fixed dataset, pre-sliced into `steps` batches of `(x, y)` tensors."""
+    """The fixed dataset, pre-sliced into `steps` batches of `(x, y)` tensors.
+
+    `x` is a dict of tensors for `bert_tiny`. Integer inputs (token ids,
+    masks) become int64, as `nn.Embedding` indices usually are.
+    """
     from keras_models import make_data  # numpy only; shared with the Keras side
 
     x, y = make_data(name, steps * batch_size, seed=seed)
-    x = torch.from_numpy(x)
-    if name == "transformer":
-        x = x.long()  # nn.Embedding takes int64 indices
+
+    def tensor(a):
+        t = torch.from_numpy(a)
+        return t if t.is_floating_point() else t.long()
+
+    x = {k: tensor(v) for k, v in x.items()} if isinstance(x, dict) else tensor(x)
     y = torch.from_numpy(y).long()
+
     # Each batch owns its memory (as a DataLoader's batches do), not a view
     # into the whole dataset.
-    return [
-        (
-            x[i * batch_size : (i + 1) * batch_size].clone().to(device),
-            y[i * batch_size : (i + 1) * batch_size].clone().to(device),
-        )
-        for i in range(steps)
-    ]
+    def take(t, i):
+        return t[i * batch_size : (i + 1) * batch_size].clone().to(device)
+
+    def take_x(i):
+        if isinstance(x, dict):
+            return {k: take(v, i) for k, v in x.items()}
+        return take(x, i)
+
+    return [(take_x(i), take(y, i)) for i in range(steps)]
 
 
 def saved_activation_bytes(model: nn.Module, x, y) -> int:
@@ -236,21 +348,27 @@ def saved_activation_bytes(model: nn.Module, x, y) -> int:
 
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(_rows(model(x)), y.reshape(-1))
     del loss
     return sum(storages.values())
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=("mlp", "transformer"), default="mlp")
+    parser.add_argument(
+        "--model",
+        choices=("mlp", "transformer", "bert_tiny", "lm50k"),
+        default="mlp",
+    )
     parser.add_argument("--variant", choices=LOOP_VARIANTS, default="torch_rdrop")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    batch_size = 128 if args.model == "mlp" else 32
+    from keras_models import MODELS
+
+    batch_size = MODELS[args.model]["batch_size"]
     torch.manual_seed(0)
     model = build_model(args.model)
     trainer = Trainer(model, args.variant)
