@@ -113,6 +113,20 @@ def _kl_terms(log_p, p, log_q, q, from_logits: bool):
     return ops.where(p > 0, term, ops.zeros_like(p))
 
 
+def _closed_form_gradients() -> bool:
+    """Whether the logits KLs use their hand-written gradients.
+
+    Only on torch: eager autodiff keeps every intermediate of the forward for
+    the backward, six logits-sized tensors for the symmetric KL, where the
+    closed form keeps the two logits. XLA (JAX, TensorFlow with
+    `jit_compile=True`) schedules the autodiff graph itself and did better
+    without it: on the 50k-vocabulary benchmark R-Drop kept 5.0 extra
+    logits-sized buffers with autodiff and 6.0 with the closed form on JAX,
+    and 7.9 vs 8.9 on TensorFlow (benchmarks/README.md, "Large outputs").
+    """
+    return keras.backend.backend() == "torch"
+
+
 def _symmetric_kl_from_logits(a, b, axis: int):
     """Categorical symmetric KL of two logit tensors, with its own gradient.
 
@@ -206,7 +220,7 @@ def _divergence(p, q, from_logits, axis, distribution, symmetric, check=True):
     if check:
         check_values(p, from_logits, distribution, axis, "p")
         check_values(q, from_logits, distribution, axis, "q")
-    if from_logits and distribution == "categorical":
+    if from_logits and distribution == "categorical" and _closed_form_gradients():
         if symmetric:
             return _symmetric_kl_from_logits(p, q, axis)
         return _kl_from_logits(p, q, axis)
