@@ -113,103 +113,7 @@ def _kl_terms(log_p, p, log_q, q, from_logits: bool):
     return ops.where(p > 0, term, ops.zeros_like(p))
 
 
-def _closed_form_gradients() -> bool:
-    """Whether the logits KLs use their hand-written gradients.
-
-    Only on torch: eager autodiff keeps every intermediate of the forward for
-    the backward, six logits-sized tensors for the symmetric KL, where the
-    closed form keeps the two logits. XLA (JAX, TensorFlow with
-    `jit_compile=True`) schedules the autodiff graph itself and did better
-    without it: on the 50k-vocabulary benchmark R-Drop kept 5.0 extra
-    logits-sized buffers with autodiff and 6.0 with the closed form on JAX,
-    and 7.9 vs 8.9 on TensorFlow (benchmarks/README.md, "Large outputs").
-    """
-    return keras.backend.backend() == "torch"
-
-
-def _symmetric_kl_from_logits(a, b, axis: int):
-    """Categorical symmetric KL of two logit tensors, with its own gradient.
-
-    Autodiff of `0.5 * sum((p - q) * (log p - log q))` keeps six tensors of
-    the logits' size alive from the forward pass to the backward pass
-    (`log p`, `p`, `log q`, `q` and the two differences). For a language
-    model's `(batch, length, vocabulary)` logits each is the size of the
-    logits, more than the two model passes themselves keep. The gradient
-    has a closed form in terms of the logits, so only `a` and `b` are kept
-    and the rest is recomputed in the backward pass:
-
-    ```
-    d = log p - log q
-    dS/da = 0.5 * (p * (d - sum(p * d)) + p - q)
-    dS/db = 0.5 * (q * (sum(q * d) - d) + q - p)
-    ```
-    """
-
-    def parts(a, b):
-        log_p = ops.log_softmax(a, axis=axis)
-        log_q = ops.log_softmax(b, axis=axis)
-        return log_p, log_q, ops.exp(log_p), ops.exp(log_q)
-
-    @ops.custom_gradient
-    def skl(a, b):
-        log_p, log_q, p, q = parts(a, b)
-        value = 0.5 * ops.sum((p - q) * (log_p - log_q), axis=axis)
-
-        # JAX and TensorFlow call `grad(upstream)`; torch calls
-        # `grad(a, b, upstream=...)` (see `keras.ops.custom_gradient`).
-        def grad(*args, upstream=None):
-            if upstream is None:
-                (upstream,) = args
-            log_p, log_q, p, q = parts(a, b)
-            d = log_p - log_q
-            up = 0.5 * ops.expand_dims(upstream, axis)
-            p_d = ops.sum(p * d, axis=axis, keepdims=True)
-            q_d = ops.sum(q * d, axis=axis, keepdims=True)
-            grad_a = up * (p * (d - p_d) + p - q)
-            grad_b = up * (q * (q_d - d) + q - p)
-            return grad_a, grad_b
-
-        return value, grad
-
-    return skl(a, b)
-
-
-def _kl_from_logits(a, b, axis: int):
-    """Categorical `KL(p || q)` of two logit tensors, with its own gradient.
-
-    As `_symmetric_kl_from_logits`: only `a` and `b` are kept for the
-    backward pass (autodiff would keep `log p`, `p` and `log p - log q`).
-
-    ```
-    d = log p - log q
-    dKL/da = p * (d - sum(p * d))
-    dKL/db = q - p
-    ```
-    """
-
-    @ops.custom_gradient
-    def kl(a, b):
-        log_p = ops.log_softmax(a, axis=axis)
-        log_q = ops.log_softmax(b, axis=axis)
-        value = ops.sum(ops.exp(log_p) * (log_p - log_q), axis=axis)
-
-        def grad(*args, upstream=None):
-            if upstream is None:  # JAX and TensorFlow: grad(upstream)
-                (upstream,) = args
-            log_p = ops.log_softmax(a, axis=axis)
-            log_q = ops.log_softmax(b, axis=axis)
-            p = ops.exp(log_p)
-            d = log_p - log_q
-            up = ops.expand_dims(upstream, axis)
-            p_d = ops.sum(p * d, axis=axis, keepdims=True)
-            return up * p * (d - p_d), up * (ops.exp(log_q) - p)
-
-        return value, grad
-
-    return kl(a, b)
-
-
-def _divergence(p, q, from_logits, axis, distribution, symmetric, check=True):
+def _divergence(p, q, from_logits, axis, distribution, symmetric):
     from_logits = validate_from_logits(from_logits)
     axis = validate_axis(axis)
     distribution = validate_distribution(distribution)
@@ -217,13 +121,8 @@ def _divergence(p, q, from_logits, axis, distribution, symmetric, check=True):
     q = _as_float32(q, "q")
     _check_shapes(p, q, axis)
     distribution = _resolve_distribution(p, axis, distribution)
-    if check:
-        check_values(p, from_logits, distribution, axis, "p")
-        check_values(q, from_logits, distribution, axis, "q")
-    if from_logits and distribution == "categorical" and _closed_form_gradients():
-        if symmetric:
-            return _symmetric_kl_from_logits(p, q, axis)
-        return _kl_from_logits(p, q, axis)
+    check_values(p, from_logits, distribution, axis, "p")
+    check_values(q, from_logits, distribution, axis, "q")
     p_states = _log_prob_states(p, from_logits, distribution, axis)
     q_states = _log_prob_states(q, from_logits, distribution, axis)
     total = None
