@@ -121,8 +121,9 @@ def _divergence(p, q, from_logits, axis, distribution, symmetric):
     q = _as_float32(q, "q")
     _check_shapes(p, q, axis)
     distribution = _resolve_distribution(p, axis, distribution)
+    # One read per declaration and process: `p` stands for both inputs (a
+    # second call for `q` would find the declaration already checked).
     check_values(p, from_logits, distribution, axis, "p")
-    check_values(q, from_logits, distribution, axis, "q")
     p_states = _log_prob_states(p, from_logits, distribution, axis)
     q_states = _log_prob_states(q, from_logits, distribution, axis)
     total = None

@@ -97,10 +97,7 @@ def check_values(x, from_logits: bool, distribution: str, axis: int, name: str):
         return
     _CHECKED.add(key)
     x = ops.stop_gradient(x)
-    size = 1
-    for dim in x.shape:
-        size *= dim if dim is not None else 0
-    if size == 0:
+    if 0 in tuple(x.shape):  # eager values have a concrete shape
         return
     low = _scalar(ops.min(x))
     high = _scalar(ops.max(x))

@@ -258,15 +258,14 @@ class RDropModel(keras.Model):
             _, overrides = flatten_like_outputs(
                 self.from_logits, y_pred, output_names, "from_logits"
             )
+        activations = [None] * len(names)
         if not self._activations_checked:
             # Read once (at trace time where the step is traced): a softmax
             # output declared as logits, or a linear one as probabilities.
             self._activations_checked = True
-            activations = output_activations(self.model)
-            if len(activations) != len(names):
-                activations = [None] * len(names)
-        else:
-            activations = [None] * len(names)
+            found = output_activations(self.model)
+            if len(found) == len(names):
+                activations = found
         specs = []
         for name, loss, alpha, override, activation in zip(
             names, losses, alphas, overrides, activations
