@@ -45,6 +45,7 @@ from script_flags import (  # noqa: E402
     add_backend_flag,
     add_output_flags,
     parse_with_tiny,
+    print_and_save,
     select_backend,
 )
 
@@ -376,13 +377,7 @@ def main(argv=None):
                 {"alpha": f"{alpha:g}", "beta": f"{beta:g}", "ppl": ppl, "logs": logs}
             )
             print(f"seed={seed} {name}: {ppl} logs {logs}", flush=True)
-    result = table(rows)
-    wall = time.perf_counter() - start
-    print()
-    print(result)
-    print(f"\nwall time {wall:.0f} s", flush=True)
-    if args.results:
-        Path(args.results).write_text(result + f"\n\nwall time {wall:.0f} s\n")
+    print_and_save(table(rows), start, args.results)
     return rows
 
 

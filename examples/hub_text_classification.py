@@ -43,6 +43,7 @@ from script_flags import (  # noqa: E402
     add_backend_flag,
     add_output_flags,
     parse_with_tiny,
+    print_and_save,
     select_backend,
 )
 
@@ -362,13 +363,7 @@ def main(argv=None):
                 f"epoch s {[round(s, 1) for s in run['epoch_seconds']]}",
                 flush=True,
             )
-    result = table(arms)
-    wall = time.perf_counter() - start
-    print()
-    print(result)
-    print(f"\nwall time {wall:.0f} s", flush=True)
-    if args.results:
-        Path(args.results).write_text(result + f"\n\nwall time {wall:.0f} s\n")
+    print_and_save(table(arms), start, args.results)
     return arms
 
 

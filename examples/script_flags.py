@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import sys
+import time
+from pathlib import Path
 
 BACKENDS = ("jax", "tensorflow", "torch")
 
@@ -66,3 +68,15 @@ def parse_with_tiny(parser, tiny: dict, argv=None):
     if "--tiny" in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(**tiny)
     return parser.parse_args(argv)
+
+
+def print_and_save(table: str, start: float, results: str | None) -> None:
+    """Prints the table and the wall time since `start`; `--results` saves both.
+
+    `start` is a `time.perf_counter()` reading.
+    """
+    text = f"{table}\n\nwall time {time.perf_counter() - start:.0f} s"
+    print()
+    print(text, flush=True)
+    if results:
+        Path(results).write_text(text + "\n")
