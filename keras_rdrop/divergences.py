@@ -8,6 +8,7 @@ is clipped, so small probabilities are not biased.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import keras
@@ -45,7 +46,8 @@ def validate_from_logits(from_logits: Any) -> bool:
     return from_logits
 
 
-def _as_float32(x, name: str):
+def _as_float(x, name: str):
+    """Converts `x` to a float tensor, and rejects non-float dtypes."""
     x = ops.convert_to_tensor(x)
     dtype = keras.backend.standardize_dtype(x.dtype)
     if not keras.backend.is_float_dtype(dtype):
@@ -54,7 +56,11 @@ def _as_float32(x, name: str):
             f"Received a tensor of dtype {dtype}. Cast it to a float dtype "
             "(integer class labels are not predictions)."
         )
-    return ops.cast(x, "float32")
+    # float16/bfloat16 logits stay as they are: each chunk of the categorical
+    # KL is cast on its own (no full-size float32 copy). Casting to their
+    # own dtype still turns a variable into a tensor (TensorFlow reads it),
+    # which `ops.custom_gradient` needs.
+    return ops.cast(x, dtype if dtype in ("float16", "bfloat16") else "float32")
 
 
 def _check_shapes(p, q, axis: int):
@@ -113,17 +119,155 @@ def _kl_terms(log_p, p, log_q, q, from_logits: bool):
     return ops.where(p > 0, term, ops.zeros_like(p))
 
 
+# Categorical KLs of logits are computed chunk by chunk along one non-class
+# axis, with a closed-form gradient, so that no intermediate of the logits'
+# full size is created. For a language model's (batch, length, vocabulary)
+# logits, autodiff of the whole-tensor formula kept six logits-sized tensors
+# (log p, p, log q, q and the two factors of the product) from the forward to
+# the backward pass, and eager backends create as many again as temporaries;
+# a chunk's temporaries are a chunk's size. See benchmarks/README.md,
+# "Large outputs".
+CHUNK_ELEMENTS = 2**21  # elements of one chunk (8 MiB in float32)
+MAX_CHUNKS = 64  # bounds the size of a compiled graph; chunks grow instead
+
+
+def _chunks(shape, axis: int):
+    """Returns `(chunk_axis, [(start, stop), ...])`, or `None` for one chunk.
+
+    Splits the largest non-class axis of static size into pieces of about
+    `CHUNK_ELEMENTS` elements. Unknown dimensions count as 1.
+    """
+    rank = len(shape)
+    axis %= rank
+    total = math.prod(size or 1 for size in shape)
+    count = min(math.ceil(total / CHUNK_ELEMENTS), MAX_CHUNKS)
+    candidates = [(size, i) for i, size in enumerate(shape) if i != axis and size]
+    if count <= 1 or not candidates:
+        return None
+    size, chunk_axis = max(candidates)
+    step = math.ceil(size / min(count, size))
+    if step >= size:
+        return None
+    return chunk_axis, [
+        (start, min(start + step, size)) for start in range(0, size, step)
+    ]
+
+
+def _take(x, axis: int, start: int, stop: int):
+    # Basic slicing, which every backend's native tensor supports.
+    return x[(slice(None),) * axis + (slice(start, stop),)]
+
+
+def _kl_of_logits_chunk(a, b, axis: int, symmetric: bool):
+    a, b = ops.cast(a, "float32"), ops.cast(b, "float32")
+    log_p = ops.log_softmax(a, axis=axis)
+    log_q = ops.log_softmax(b, axis=axis)
+    if symmetric:
+        diff = ops.exp(log_p) - ops.exp(log_q)
+        return 0.5 * ops.sum(diff * (log_p - log_q), axis=axis)
+    return ops.sum(ops.exp(log_p) * (log_p - log_q), axis=axis)
+
+
+def _kl_of_logits_chunk_grads(a, b, upstream, axis: int, symmetric: bool):
+    """Closed-form gradients with respect to the logits `a` and `b`.
+
+    ```
+    d = log p - log q
+    dKL(p||q)/da = p * (d - sum(p * d))        dKL(p||q)/db = q - p
+    dSKL/da = 0.5 * (p * (d - sum(p * d)) + p - q)
+    dSKL/db = 0.5 * (q * (sum(q * d) - d) + q - p)
+    ```
+    """
+    dtype_a, dtype_b = a.dtype, b.dtype
+    a, b = ops.cast(a, "float32"), ops.cast(b, "float32")
+    log_p = ops.log_softmax(a, axis=axis)
+    log_q = ops.log_softmax(b, axis=axis)
+    p, q = ops.exp(log_p), ops.exp(log_q)
+    d = log_p - log_q
+    upstream = ops.expand_dims(upstream, axis)
+    p_d = ops.sum(p * d, axis=axis, keepdims=True)
+    if symmetric:
+        q_d = ops.sum(q * d, axis=axis, keepdims=True)
+        upstream = 0.5 * upstream
+        grad_a = upstream * (p * (d - p_d) + p - q)
+        grad_b = upstream * (q * (q_d - d) + q - p)
+    else:
+        grad_a, grad_b = upstream * p * (d - p_d), upstream * (q - p)
+    return ops.cast(grad_a, dtype_a), ops.cast(grad_b, dtype_b)
+
+
+def _kl_of_logits(a, b, axis: int, symmetric: bool):
+    """Categorical (symmetric) KL of two logit tensors, by chunks.
+
+    Each chunk is cast to float32 on its own, so low-precision logits get no
+    full-size float32 copy.
+    """
+    axis %= len(a.shape)
+    chunks = _chunks(tuple(a.shape), axis)
+
+    def value_of(a, b):
+        if chunks is None:
+            return _kl_of_logits_chunk(a, b, axis, symmetric)
+        chunk_axis, bounds = chunks
+        values = [
+            _kl_of_logits_chunk(
+                _take(a, chunk_axis, start, stop),
+                _take(b, chunk_axis, start, stop),
+                axis,
+                symmetric,
+            )
+            for start, stop in bounds
+        ]
+        return ops.concatenate(values, axis=chunk_axis - (chunk_axis > axis))
+
+    def grads_of(a, b, upstream):
+        if chunks is None:
+            return _kl_of_logits_chunk_grads(a, b, upstream, axis, symmetric)
+        chunk_axis, bounds = chunks
+        up_axis = chunk_axis - (chunk_axis > axis)
+        grads_a, grads_b = [], []
+        for start, stop in bounds:
+            grad_a, grad_b = _kl_of_logits_chunk_grads(
+                _take(a, chunk_axis, start, stop),
+                _take(b, chunk_axis, start, stop),
+                _take(upstream, up_axis, start, stop),
+                axis,
+                symmetric,
+            )
+            grads_a.append(grad_a)
+            grads_b.append(grad_b)
+        grad_a = ops.concatenate(grads_a, axis=chunk_axis)
+        del grads_a  # free the pieces before the second concatenation
+        return grad_a, ops.concatenate(grads_b, axis=chunk_axis)
+
+    @ops.custom_gradient
+    def kl(a, b):
+        def grad(*args, upstream=None):
+            # JAX and TensorFlow call `grad(upstream)`; torch calls
+            # `grad(a, b, upstream=upstream)` (see `keras.ops.custom_gradient`).
+            if upstream is None:
+                (upstream,) = args
+            return grads_of(a, b, upstream)
+
+        return value_of(a, b), grad
+
+    return kl(a, b)
+
+
 def _divergence(p, q, from_logits, axis, distribution, symmetric):
     from_logits = validate_from_logits(from_logits)
     axis = validate_axis(axis)
     distribution = validate_distribution(distribution)
-    p = _as_float32(p, "p")
-    q = _as_float32(q, "q")
+    p = _as_float(p, "p")
+    q = _as_float(q, "q")
     _check_shapes(p, q, axis)
     distribution = _resolve_distribution(p, axis, distribution)
     # One read per declaration and process: `p` stands for both inputs (a
     # second call for `q` would find the declaration already checked).
     check_values(p, from_logits, distribution, axis, "p")
+    if from_logits and distribution == "categorical":
+        return _kl_of_logits(p, q, axis, symmetric)
+    p, q = ops.cast(p, "float32"), ops.cast(q, "float32")
     p_states = _log_prob_states(p, from_logits, distribution, axis)
     q_states = _log_prob_states(q, from_logits, distribution, axis)
     total = None

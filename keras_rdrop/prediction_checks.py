@@ -82,7 +82,7 @@ def check_values(x, from_logits: bool, distribution: str, axis: int, name: str):
     """Warns once if the values of `x` contradict `from_logits`.
 
     Args:
-        x: float32 predictions.
+        x: Floating-point predictions (read in float32).
         from_logits: What the caller declared.
         distribution: `"categorical"` or `"bernoulli"` (already resolved).
         axis: The class axis.
@@ -96,7 +96,7 @@ def check_values(x, from_logits: bool, distribution: str, axis: int, name: str):
     if key in _CHECKED or not values_readable(x):
         return
     _CHECKED.add(key)
-    x = ops.stop_gradient(x)
+    x = ops.cast(ops.stop_gradient(x), "float32")
     if 0 in tuple(x.shape):  # eager values have a concrete shape
         return
     low = _scalar(ops.min(x))

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from keras_rdrop import kl_divergence, symmetric_kl_divergence
+from keras_rdrop import divergences, kl_divergence, symmetric_kl_divergence
 from tests.testing import assert_allclose, np_kl, np_symmetric_kl, to_numpy
 
 RNG = np.random.default_rng(0)
@@ -101,6 +101,24 @@ def test_low_precision_inputs_computed_in_float32(dtype):
     assert_allclose(out, np_symmetric_kl(p_r, q_r), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+def test_low_precision_gradients_keep_the_input_dtype(chunked, monkeypatch):
+    # Each chunk is cast to float32 and its gradient cast back, so bfloat16
+    # logits get bfloat16 gradients without a full-size float32 copy.
+    if chunked:
+        monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 10)
+    p, q = logits(8, 10), logits(8, 10)
+    var = keras.Variable(p, dtype="bfloat16")
+    q_low = keras.ops.cast(q, "bfloat16")
+    grad = _grad_tensor(lambda: keras.ops.sum(symmetric_kl_divergence(var, q_low)), var)
+    assert keras.backend.standardize_dtype(grad.dtype) == "bfloat16"
+    grad = keras.ops.cast(grad, "float32")
+    var32 = keras.Variable(to_numpy(keras.ops.cast(var, "float32")))
+    q32 = keras.ops.cast(q_low, "float32")
+    expected = _grad(lambda: keras.ops.sum(symmetric_kl_divergence(var32, q32)), var32)
+    assert_allclose(grad, expected, rtol=2e-2, atol=2e-3)
+
+
 def test_extreme_logits_stay_finite_and_exact():
     p = np.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 5.0]], "float32")
     q = np.array([[-1e4, 1e4, 0.0], [-1e4, 1e4, -5.0]], "float32")
@@ -179,6 +197,41 @@ def test_gradients_finite_for_zero_probabilities():
     assert np.all(np.isfinite(grad))
 
 
+@pytest.mark.parametrize(
+    "chunk_elements, expected_bounds",
+    [
+        (10**9, None),  # small enough for one chunk
+        (50, (0, [(0, 3), (3, 6), (6, 7)])),  # uneven last chunk
+        (1, (0, [(i, i + 1) for i in range(7)])),  # at most one row each
+    ],
+)
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "kl"])
+def test_chunked_logits_match_numpy(
+    chunk_elements, expected_bounds, symmetric, monkeypatch
+):
+    # Logits of shape (7, 3, 6): the largest non-class axis (0) is split.
+    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", chunk_elements)
+    assert divergences._chunks((7, 3, 6), -1) == expected_bounds
+    a, b = logits(7, 3, 6), logits(7, 3, 6)
+    fn = symmetric_kl_divergence if symmetric else kl_divergence
+    np_fn = np_symmetric_kl if symmetric else np_kl
+    assert_allclose(fn(a, b), np_fn(a, b), rtol=1e-5, atol=1e-6)
+    # Class axis in the middle: the value's axes shift past it.
+    assert_allclose(fn(a, b, axis=1), np_fn(a, b, axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_chunks_skip_unknown_and_class_axes(monkeypatch):
+    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 8)
+    # The batch size is unknown (traced): the sequence axis is split.
+    assert divergences._chunks((None, 4, 8), -1) == (1, [(i, i + 1) for i in range(4)])
+    # Only the class axis has a static size: one chunk.
+    assert divergences._chunks((None, 64), -1) is None
+    # The number of chunks is bounded; the chunks grow instead.
+    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 1)
+    count = len(divergences._chunks((1000, 10), -1)[1])
+    assert 32 < count <= divergences.MAX_CHUNKS
+
+
 def _finite_difference_grad(fn, x, eps=1e-6):
     """Central differences of a float64 NumPy function of `x`."""
     grad = np.zeros_like(x)
@@ -189,12 +242,17 @@ def _finite_difference_grad(fn, x, eps=1e-6):
     return grad
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "kl"])
 @pytest.mark.parametrize("shape, axis", [((4, 5), -1), ((2, 5, 3), 1)])
-def test_kl_gradient_matches_float64_finite_differences(shape, axis, symmetric):
-    # The gradients R-Drop and the anchor train with, against the float64
-    # reference (a hand-written gradient was tried and measured; see
-    # benchmarks/README.md, "Large outputs").
+def test_kl_gradient_matches_float64_finite_differences(
+    shape, axis, symmetric, chunked, monkeypatch
+):
+    # The gradients R-Drop and the anchor train with (closed form for
+    # categorical logits), against the float64 reference; `chunked` splits
+    # every tensor into pieces of at most 4 elements.
+    if chunked:
+        monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 4)
     rng = np.random.default_rng(0)
     a = rng.normal(size=shape) * 2
     b = rng.normal(size=shape) * 2
@@ -223,13 +281,18 @@ def test_kl_gradient_matches_float64_finite_differences(shape, axis, symmetric):
 
 
 def _grad(fn, var):
+    return to_numpy(_grad_tensor(fn, var))
+
+
+def _grad_tensor(fn, var):
+    """The gradient of `fn()` with respect to `var`, as a backend tensor."""
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
 
         with tf.GradientTape() as tape:
             value = fn()
-        return tape.gradient(value, var.value).numpy()
+        return tape.gradient(value, var.value)
     if backend == "jax":
         import jax
 
@@ -237,12 +300,12 @@ def _grad(fn, var):
             with keras.StatelessScope(state_mapping=[(var, v)]):
                 return fn()
 
-        return np.asarray(jax.grad(pure)(var.value))
+        return jax.grad(pure)(var.value)
     import torch
 
     value = fn()
     (g,) = torch.autograd.grad(value, var.value)
-    return g.cpu().numpy()
+    return g
 
 
 finite_logits = hnp.arrays(
