@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from keras_rdrop import RDropModel
+from keras_rdrop import RDropModel, divergences
 from tests.models import NUM_CLASSES, classification_data, mlp, sparse_ce
 from tests.testing import assert_allclose, np_log_softmax, np_symmetric_kl, to_numpy
 
@@ -259,6 +259,30 @@ def test_sequence_outputs_with_mask_and_padding_weight(mode):
     model.compile(optimizer="adam", loss=sparse_ce())
     h = model.fit(tokens, targets, sample_weight=not_pad, epochs=1, verbose=0)
     assert h.history["kl_loss"][0] > 0
+
+
+@pytest.mark.parametrize("mode", ["sequential", "concat"])
+def test_chunked_kl_trains_like_the_whole_tensor(mode, monkeypatch):
+    # Large logits are split into chunks for the KL and its gradient
+    # (keras_rdrop.divergences.CHUNK_ELEMENTS); forcing chunks of at most 16
+    # elements must not change training: same losses and weights.
+    tokens, targets, not_pad = sequence_data(n=16)
+    runs = []
+    for chunk_elements in (10**9, 16):
+        monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", chunk_elements)
+        keras.utils.set_random_seed(0)
+        model = RDropModel(sequence_model(), mode=mode)
+        model.compile(optimizer="adam", loss=sparse_ce())
+        h = model.fit(
+            tokens, targets, sample_weight=not_pad, batch_size=8, epochs=2, verbose=0
+        )
+        runs.append((h.history, [to_numpy(w) for w in model.weights]))
+    (h_whole, w_whole), (h_chunked, w_chunked) = runs
+    assert h_chunked["kl_loss"][0] > 0
+    for key in h_whole:
+        assert_allclose(h_chunked[key], h_whole[key], rtol=1e-5, atol=1e-6)
+    for chunked, whole in zip(w_chunked, w_whole):
+        assert_allclose(chunked, whole, rtol=1e-4, atol=1e-5)
 
 
 def test_padded_positions_contribute_nothing_to_the_kl():
