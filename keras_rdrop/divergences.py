@@ -4,6 +4,11 @@ All math runs in float32 whatever the input dtype, in log space: logits go
 through `log_softmax` (or `log_sigmoid` for Bernoulli outputs), probabilities
 through `log`, and exact zeros follow the convention `0 * log 0 = 0`. Nothing
 is clipped, so small probabilities are not biased.
+
+Categorical KLs of logits, the case of language models with large
+vocabularies, run chunk by chunk (`CHUNK_ELEMENTS` each) with a closed-form
+gradient: besides their inputs and gradients they create no tensor of the
+logits' size (benchmarks/README.md, "Large outputs", has the measurements).
 """
 
 from __future__ import annotations
