@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_rdrop.divergences import kl_divergence, symmetric_kl_divergence
+from keras_rdrop.divergences import divergence
 
 KINDS = ("symmetric_kl", "kl", "reverse_kl", "mse")
 
@@ -21,10 +21,14 @@ class PairwiseTerm(keras.losses.Loss):
 
     `kind` is one of `"symmetric_kl"` ((KL(a||b) + KL(b||a)) / 2), `"kl"`
     (KL(a||b)), `"reverse_kl"` (KL(b||a)) or `"mse"` (mean squared difference
-    over the last axis, for regression outputs).
+    over the last axis, for regression outputs). `constant_b=True` declares
+    that `b` gets no gradient (the anchor's reference outputs), so the KL's
+    backward pass does not compute one.
     """
 
-    def __init__(self, kind, from_logits=True, distribution="auto", name=None):
+    def __init__(
+        self, kind, from_logits=True, distribution="auto", name=None, constant_b=False
+    ):
         if kind not in KINDS:
             raise ValueError(f"`kind` should be one of {KINDS}. Received: {kind!r}")
         super().__init__(
@@ -33,18 +37,27 @@ class PairwiseTerm(keras.losses.Loss):
         self.kind = kind
         self.from_logits = from_logits
         self.distribution = distribution
+        self.constant_b = constant_b
 
     def call(self, a, b):
         if self.kind == "mse":
             a = ops.cast(a, "float32")
             b = ops.cast(b, "float32")
             return ops.mean(ops.square(a - b), axis=-1)
-        kwargs = {"from_logits": self.from_logits, "distribution": self.distribution}
-        if self.kind == "symmetric_kl":
-            return symmetric_kl_divergence(a, b, **kwargs)
-        if self.kind == "kl":
-            return kl_divergence(a, b, **kwargs)
-        return kl_divergence(b, a, **kwargs)
+        symmetric = self.kind == "symmetric_kl"
+        first, second = (b, a) if self.kind == "reverse_kl" else (a, b)
+        constant = None
+        if self.constant_b:
+            constant = "a" if self.kind == "reverse_kl" else "b"
+        return divergence(
+            first,
+            second,
+            self.from_logits,
+            -1,
+            self.distribution,
+            symmetric=symmetric,
+            constant=constant,
+        )
 
 
 def position_weights(sample_weight, output):

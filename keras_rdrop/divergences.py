@@ -173,8 +173,11 @@ def _kl_of_logits_chunk(a, b, axis: int, symmetric: bool):
     return ops.sum(ops.exp(log_p) * (log_p - log_q), axis=axis)
 
 
-def _kl_of_logits_chunk_grads(a, b, upstream, axis: int, symmetric: bool):
+def _kl_of_logits_chunk_grads(a, b, upstream, axis: int, symmetric: bool, constant):
     """Closed-form gradients with respect to the logits `a` and `b`.
+
+    The gradient of the input named by `constant` (`"a"`, `"b"` or `None`) is
+    not computed: `None` is returned for it.
 
     ```
     d = log p - log q
@@ -190,22 +193,31 @@ def _kl_of_logits_chunk_grads(a, b, upstream, axis: int, symmetric: bool):
     p, q = ops.exp(log_p), ops.exp(log_q)
     d = log_p - log_q
     upstream = ops.expand_dims(upstream, axis)
-    p_d = ops.sum(p * d, axis=axis, keepdims=True)
+    grad_a = grad_b = None
     if symmetric:
-        q_d = ops.sum(q * d, axis=axis, keepdims=True)
         upstream = 0.5 * upstream
-        grad_a = upstream * (p * (d - p_d) + p - q)
-        grad_b = upstream * (q * (q_d - d) + q - p)
-    else:
-        grad_a, grad_b = upstream * p * (d - p_d), upstream * (q - p)
-    return ops.cast(grad_a, dtype_a), ops.cast(grad_b, dtype_b)
+        if constant != "a":
+            p_d = ops.sum(p * d, axis=axis, keepdims=True)
+            grad_a = ops.cast(upstream * (p * (d - p_d) + p - q), dtype_a)
+        if constant != "b":
+            q_d = ops.sum(q * d, axis=axis, keepdims=True)
+            grad_b = ops.cast(upstream * (q * (q_d - d) + q - p), dtype_b)
+        return grad_a, grad_b
+    if constant != "a":
+        p_d = ops.sum(p * d, axis=axis, keepdims=True)
+        grad_a = ops.cast(upstream * p * (d - p_d), dtype_a)
+    if constant != "b":
+        grad_b = ops.cast(upstream * (q - p), dtype_b)
+    return grad_a, grad_b
 
 
-def _kl_of_logits(a, b, axis: int, symmetric: bool):
+def _kl_of_logits(a, b, axis: int, symmetric: bool, constant=None):
     """Categorical (symmetric) KL of two logit tensors, by chunks.
 
     Each chunk is cast to float32 on its own, so low-precision logits get no
-    full-size float32 copy.
+    full-size float32 copy. `constant` (`"a"` or `"b"`) names an input known
+    to get no gradient, such as the anchor's reference outputs: its gradient
+    is returned as zeros without being computed.
     """
     axis %= len(a.shape)
     chunks = _chunks(tuple(a.shape), axis)
@@ -227,7 +239,18 @@ def _kl_of_logits(a, b, axis: int, symmetric: bool):
 
     def grads_of(a, b, upstream):
         if chunks is None:
-            return _kl_of_logits_chunk_grads(a, b, upstream, axis, symmetric)
+            grad_a, grad_b = _kl_of_logits_chunk_grads(
+                a, b, upstream, axis, symmetric, constant
+            )
+        else:
+            grad_a, grad_b = _chunked_grads(a, b, upstream)
+        if constant == "a":
+            grad_a = ops.zeros_like(a)
+        if constant == "b":
+            grad_b = ops.zeros_like(b)
+        return grad_a, grad_b
+
+    def _chunked_grads(a, b, upstream):
         chunk_axis, bounds = chunks
         up_axis = chunk_axis - (chunk_axis > axis)
         grads_a, grads_b = [], []
@@ -238,12 +261,14 @@ def _kl_of_logits(a, b, axis: int, symmetric: bool):
                 _take(upstream, up_axis, start, stop),
                 axis,
                 symmetric,
+                constant,
             )
             grads_a.append(grad_a)
             grads_b.append(grad_b)
-        grad_a = ops.concatenate(grads_a, axis=chunk_axis)
+        grad_a = None if constant == "a" else ops.concatenate(grads_a, axis=chunk_axis)
         del grads_a  # free the pieces before the second concatenation
-        return grad_a, ops.concatenate(grads_b, axis=chunk_axis)
+        grad_b = None if constant == "b" else ops.concatenate(grads_b, axis=chunk_axis)
+        return grad_a, grad_b
 
     @ops.custom_gradient
     def kl(a, b):
@@ -259,7 +284,13 @@ def _kl_of_logits(a, b, axis: int, symmetric: bool):
     return kl(a, b)
 
 
-def _divergence(p, q, from_logits, axis, distribution, symmetric):
+def divergence(p, q, from_logits, axis, distribution, symmetric, constant=None):
+    """`kl_divergence` or (`symmetric=True`) `symmetric_kl_divergence`.
+
+    `constant` (`"a"` for `p`, `"b"` for `q`, or `None`) names an input that
+    gets no gradient; for categorical logits its gradient is then not
+    computed (zeros are returned for it).
+    """
     from_logits = validate_from_logits(from_logits)
     axis = validate_axis(axis)
     distribution = validate_distribution(distribution)
@@ -271,7 +302,7 @@ def _divergence(p, q, from_logits, axis, distribution, symmetric):
     # second call for `q` would find the declaration already checked).
     check_values(p, from_logits, distribution, axis, "p")
     if from_logits and distribution == "categorical":
-        return _kl_of_logits(p, q, axis, symmetric)
+        return _kl_of_logits(p, q, axis, symmetric, constant)
     p, q = ops.cast(p, "float32"), ops.cast(q, "float32")
     p_states = _log_prob_states(p, from_logits, distribution, axis)
     q_states = _log_prob_states(q, from_logits, distribution, axis)
@@ -335,7 +366,7 @@ def kl_divergence(p, q, from_logits: bool = True, axis: int = -1, distribution="
     >>> float(kl_divergence(p, q)[0])  # doctest: +ELLIPSIS
     0.28...
     """
-    return _divergence(p, q, from_logits, axis, distribution, symmetric=False)
+    return divergence(p, q, from_logits, axis, distribution, symmetric=False)
 
 
 def symmetric_kl_divergence(
@@ -377,4 +408,4 @@ def symmetric_kl_divergence(
         Liang et al., "R-Drop: Regularized Dropout for Neural Networks",
         NeurIPS 2021.
     """
-    return _divergence(p, q, from_logits, axis, distribution, symmetric=True)
+    return divergence(p, q, from_logits, axis, distribution, symmetric=True)

@@ -297,11 +297,16 @@ class RDropModel(keras.Model):
             specs.append((name, term, alpha))
         return specs
 
-    def _pairwise(self, term, kind):
+    def _pairwise(self, term, kind, constant_b=False):
         if isinstance(term, PairwiseTerm):
             return term
         from_logits, distribution = term
-        return PairwiseTerm(kind, from_logits=from_logits, distribution=distribution)
+        return PairwiseTerm(
+            kind,
+            from_logits=from_logits,
+            distribution=distribution,
+            constant_b=constant_b,
+        )
 
     def _split(self, y_pred):
         """Splits the stacked `[pass_1; pass_2]` outputs, masks included."""

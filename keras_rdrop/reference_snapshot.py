@@ -202,7 +202,8 @@ class ReferenceSnapshot(keras.layers.Layer):
                 )
             if term is None:
                 continue
-            loss = rdrop_model._pairwise(term, kind)
+            # The reference is constant: no gradient is computed for it.
+            loss = rdrop_model._pairwise(term, kind, constant_b=True)
             total = total + loss(live, ref, sample_weight=position_weights(w, live))
         # `total` is scaled per replica under `tf.distribute`, like the loss.
         kl = unscale_for_distribution(ops.stop_gradient(total))

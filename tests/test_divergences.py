@@ -197,6 +197,37 @@ def test_gradients_finite_for_zero_probabilities():
     assert np.all(np.isfinite(grad))
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "kl"])
+@pytest.mark.parametrize("constant", ["a", "b"])
+def test_constant_input_gets_zero_gradient_and_the_other_is_unchanged(
+    constant, symmetric, chunked, monkeypatch
+):
+    # The anchor declares its reference outputs constant: their gradient is
+    # skipped, the live side's must not change.
+    if chunked:
+        monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 8)
+    a, b = logits(4, 3, 6), logits(4, 3, 6)
+    w = RNG.uniform(0.5, 2.0, size=(4, 3)).astype("float32")
+    grads = {}
+    for flag in (None, constant):
+        for wrt in ("a", "b"):
+            var = keras.Variable(a if wrt == "a" else b)
+
+            def loss(var=var, wrt=wrt, flag=flag):
+                pair = (var, b) if wrt == "a" else (a, var)
+                value = divergences.divergence(
+                    *pair, True, -1, "auto", symmetric=symmetric, constant=flag
+                )
+                return keras.ops.sum(keras.ops.multiply(w, value))
+
+            grads[flag, wrt] = _grad(loss, var)
+    live = "b" if constant == "a" else "a"
+    np.testing.assert_array_equal(grads[constant, constant], 0.0)
+    assert np.abs(grads[None, constant]).max() > 1e-3  # not zero without the flag
+    assert_allclose(grads[constant, live], grads[None, live], rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize(
     "chunk_elements, expected_bounds",
     [
