@@ -158,9 +158,11 @@ def _chunks(shape, axis: int):
     ]
 
 
-def _take(x, axis: int, start: int, stop: int):
+def _slices(x, axis: int, bounds):
+    """The pieces of `x` along `axis`, one per `(start, stop)` of `bounds`."""
     # Basic slicing, which every backend's native tensor supports.
-    return x[(slice(None),) * axis + (slice(start, stop),)]
+    lead = (slice(None),) * axis
+    return [x[lead + (slice(start, stop),)] for start, stop in bounds]
 
 
 def _kl_of_logits_chunk(a, b, axis: int, symmetric: bool):
@@ -190,24 +192,26 @@ def _kl_of_logits_chunk_grads(a, b, upstream, axis: int, symmetric: bool, consta
     a, b = ops.cast(a, "float32"), ops.cast(b, "float32")
     log_p = ops.log_softmax(a, axis=axis)
     log_q = ops.log_softmax(b, axis=axis)
-    p, q = ops.exp(log_p), ops.exp(log_q)
+    p = ops.exp(log_p)
+    # `q` itself is not needed for KL(p||q)'s gradient in `a` alone (the
+    # anchor's case).
+    q = ops.exp(log_q) if symmetric or constant != "b" else None
     d = log_p - log_q
     upstream = ops.expand_dims(upstream, axis)
-    grad_a = grad_b = None
     if symmetric:
         upstream = 0.5 * upstream
-        if constant != "a":
-            p_d = ops.sum(p * d, axis=axis, keepdims=True)
-            grad_a = ops.cast(upstream * (p * (d - p_d) + p - q), dtype_a)
-        if constant != "b":
-            q_d = ops.sum(q * d, axis=axis, keepdims=True)
-            grad_b = ops.cast(upstream * (q * (q_d - d) + q - p), dtype_b)
-        return grad_a, grad_b
+    grad_a = grad_b = None
     if constant != "a":
         p_d = ops.sum(p * d, axis=axis, keepdims=True)
-        grad_a = ops.cast(upstream * p * (d - p_d), dtype_a)
+        term = p * (d - p_d) + p - q if symmetric else p * (d - p_d)
+        grad_a = ops.cast(upstream * term, dtype_a)
     if constant != "b":
-        grad_b = ops.cast(upstream * (q - p), dtype_b)
+        if symmetric:
+            q_d = ops.sum(q * d, axis=axis, keepdims=True)
+            term = q * (q_d - d) + q - p
+        else:
+            term = q - p
+        grad_b = ops.cast(upstream * term, dtype_b)
     return grad_a, grad_b
 
 
@@ -227,13 +231,10 @@ def _kl_of_logits(a, b, axis: int, symmetric: bool, constant=None):
             return _kl_of_logits_chunk(a, b, axis, symmetric)
         chunk_axis, bounds = chunks
         values = [
-            _kl_of_logits_chunk(
-                _take(a, chunk_axis, start, stop),
-                _take(b, chunk_axis, start, stop),
-                axis,
-                symmetric,
+            _kl_of_logits_chunk(a_, b_, axis, symmetric)
+            for a_, b_ in zip(
+                _slices(a, chunk_axis, bounds), _slices(b, chunk_axis, bounds)
             )
-            for start, stop in bounds
         ]
         return ops.concatenate(values, axis=chunk_axis - (chunk_axis > axis))
 
@@ -243,28 +244,28 @@ def _kl_of_logits(a, b, axis: int, symmetric: bool, constant=None):
                 a, b, upstream, axis, symmetric, constant
             )
         else:
-            grad_a, grad_b = _chunked_grads(a, b, upstream)
-        if constant == "a":
+            grad_a, grad_b = chunked_grads_of(a, b, upstream)
+        # Every backend's custom gradient wants one per input.
+        if grad_a is None:
             grad_a = ops.zeros_like(a)
-        if constant == "b":
+        if grad_b is None:
             grad_b = ops.zeros_like(b)
         return grad_a, grad_b
 
-    def _chunked_grads(a, b, upstream):
+    def chunked_grads_of(a, b, upstream):
         chunk_axis, bounds = chunks
         up_axis = chunk_axis - (chunk_axis > axis)
-        grads_a, grads_b = [], []
-        for start, stop in bounds:
-            grad_a, grad_b = _kl_of_logits_chunk_grads(
-                _take(a, chunk_axis, start, stop),
-                _take(b, chunk_axis, start, stop),
-                _take(upstream, up_axis, start, stop),
-                axis,
-                symmetric,
-                constant,
+        pieces = zip(
+            _slices(a, chunk_axis, bounds),
+            _slices(b, chunk_axis, bounds),
+            _slices(upstream, up_axis, bounds),
+        )
+        grads_a, grads_b = zip(
+            *(
+                _kl_of_logits_chunk_grads(a_, b_, up, axis, symmetric, constant)
+                for a_, b_, up in pieces
             )
-            grads_a.append(grad_a)
-            grads_b.append(grad_b)
+        )
         grad_a = None if constant == "a" else ops.concatenate(grads_a, axis=chunk_axis)
         del grads_a  # free the pieces before the second concatenation
         grad_b = None if constant == "b" else ops.concatenate(grads_b, axis=chunk_axis)
