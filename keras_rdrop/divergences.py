@@ -175,11 +175,12 @@ def _kl_of_logits_chunk(a, b, axis: int, symmetric: bool):
     return ops.sum(ops.exp(log_p) * (log_p - log_q), axis=axis)
 
 
-def _kl_of_logits_chunk_grads(a, b, upstream, axis: int, symmetric: bool, constant):
-    """Closed-form gradients with respect to the logits `a` and `b`.
+def kl_of_logits_grad_terms(log_p, log_q, axis: int, symmetric: bool, constant=None):
+    """Closed-form gradients of the KL with respect to the logits, per unit.
 
-    The gradient of the input named by `constant` (`"a"`, `"b"` or `None`) is
-    not computed: `None` is returned for it.
+    Takes the log-probabilities of the two logits `a` and `b` and returns
+    `(dKL/da, dKL/db)` for an upstream gradient of 1 (`None` for the input
+    named by `constant`, which is not computed):
 
     ```
     d = log p - log q
@@ -188,31 +189,115 @@ def _kl_of_logits_chunk_grads(a, b, upstream, axis: int, symmetric: bool, consta
     dSKL/db = 0.5 * (q * (sum(q * d) - d) + q - p)
     ```
     """
-    dtype_a, dtype_b = a.dtype, b.dtype
-    a, b = ops.cast(a, "float32"), ops.cast(b, "float32")
-    log_p = ops.log_softmax(a, axis=axis)
-    log_q = ops.log_softmax(b, axis=axis)
     p = ops.exp(log_p)
     # `q` itself is not needed for KL(p||q)'s gradient in `a` alone (the
     # anchor's case).
     q = ops.exp(log_q) if symmetric or constant != "b" else None
     d = log_p - log_q
-    upstream = ops.expand_dims(upstream, axis)
-    if symmetric:
-        upstream = 0.5 * upstream
-    grad_a = grad_b = None
+    term_a = term_b = None
     if constant != "a":
         p_d = ops.sum(p * d, axis=axis, keepdims=True)
-        term = p * (d - p_d) + p - q if symmetric else p * (d - p_d)
-        grad_a = ops.cast(upstream * term, dtype_a)
+        term_a = p * (d - p_d) + p - q if symmetric else p * (d - p_d)
     if constant != "b":
         if symmetric:
             q_d = ops.sum(q * d, axis=axis, keepdims=True)
-            term = q * (q_d - d) + q - p
+            term_b = q * (q_d - d) + q - p
         else:
-            term = q - p
-        grad_b = ops.cast(upstream * term, dtype_b)
+            term_b = q - p
+    if symmetric:
+        term_a = None if term_a is None else 0.5 * term_a
+        term_b = None if term_b is None else 0.5 * term_b
+    return term_a, term_b
+
+
+def _kl_of_logits_chunk_grads(a, b, upstream, axis: int, symmetric: bool, constant):
+    """Closed-form gradients with respect to the logits `a` and `b`.
+
+    The gradient of the input named by `constant` (`"a"`, `"b"` or `None`) is
+    not computed: `None` is returned for it.
+    """
+    dtype_a, dtype_b = a.dtype, b.dtype
+    a, b = ops.cast(a, "float32"), ops.cast(b, "float32")
+    log_p = ops.log_softmax(a, axis=axis)
+    log_q = ops.log_softmax(b, axis=axis)
+    term_a, term_b = kl_of_logits_grad_terms(log_p, log_q, axis, symmetric, constant)
+    upstream = ops.expand_dims(upstream, axis)
+    grad_a = None if term_a is None else ops.cast(upstream * term_a, dtype_a)
+    grad_b = None if term_b is None else ops.cast(upstream * term_b, dtype_b)
     return grad_a, grad_b
+
+
+def chunked_pair_op(a, b, axis: int, value_chunk, grads_chunk, out_axis, extra=None):
+    """Runs a function of two logit tensors chunk by chunk, with its gradient.
+
+    The value and the gradient are computed one chunk of `a` and `b` at a
+    time (`_chunks`), so that no intermediate of their full size is created.
+
+    Args:
+        a, b: Tensors of the same shape; `axis` is their class axis, which is
+            never split.
+        axis: The class axis, non-negative.
+        value_chunk: `value_chunk(a, b, extra)` on one chunk; its output is
+            concatenated along `out_axis(chunk_axis)`.
+        grads_chunk: `grads_chunk(a, b, extra, upstream)` on one chunk,
+            returning `(grad_a, grad_b)`; `None` stands for a gradient not
+            computed (an input that is constant), returned as zeros.
+        out_axis: Maps the chunk axis of `a` to the one of the value.
+        extra: `None`, or a tensor with the shape of `a` without `axis` (the
+            labels), sliced like `a` and given no gradient.
+
+    Returns:
+        The value, concatenated over chunks.
+    """
+    chunks = _chunks(tuple(a.shape), axis)
+
+    def pieces(a, b, *more):
+        if chunks is None:
+            return [(a, b, extra, *more)]
+        chunk_axis, bounds = chunks
+        extra_axis = chunk_axis - (chunk_axis > axis)
+        sliced = [_slices(a, chunk_axis, bounds), _slices(b, chunk_axis, bounds)]
+        sliced.append(
+            [None] * len(bounds)
+            if extra is None
+            else _slices(extra, extra_axis, bounds)
+        )
+        sliced.extend(_slices(t, out_axis(chunk_axis), bounds) for t in more)
+        return list(zip(*sliced))
+
+    def value_of(a, b):
+        values = [value_chunk(*args) for args in pieces(a, b)]
+        if len(values) == 1:
+            return values[0]
+        return ops.concatenate(values, axis=out_axis(chunks[0]))
+
+    def grads_of(a, b, upstream):
+        grads_a, grads_b = zip(*(grads_chunk(*args) for args in pieces(a, b, upstream)))
+        grad_a = _join(grads_a, a)
+        del grads_a  # free the pieces before the second concatenation
+        grad_b = _join(grads_b, b)
+        return grad_a, grad_b
+
+    def _join(grads, like):
+        # Every backend's custom gradient wants one per input.
+        if grads[0] is None:
+            return ops.zeros_like(like)
+        if len(grads) == 1:
+            return grads[0]
+        return ops.concatenate(grads, axis=chunks[0])
+
+    @ops.custom_gradient
+    def op(a, b):
+        def grad(*args, upstream=None):
+            # JAX and TensorFlow call `grad(upstream)`; torch calls
+            # `grad(a, b, upstream=upstream)` (see `keras.ops.custom_gradient`).
+            if upstream is None:
+                (upstream,) = args
+            return grads_of(a, b, upstream)
+
+        return value_of(a, b), grad
+
+    return op(a, b)
 
 
 def _kl_of_logits(a, b, axis: int, symmetric: bool, constant=None):
@@ -224,65 +309,17 @@ def _kl_of_logits(a, b, axis: int, symmetric: bool, constant=None):
     is returned as zeros without being computed.
     """
     axis %= len(a.shape)
-    chunks = _chunks(tuple(a.shape), axis)
 
-    def value_of(a, b):
-        if chunks is None:
-            return _kl_of_logits_chunk(a, b, axis, symmetric)
-        chunk_axis, bounds = chunks
-        values = [
-            _kl_of_logits_chunk(a_, b_, axis, symmetric)
-            for a_, b_ in zip(
-                _slices(a, chunk_axis, bounds), _slices(b, chunk_axis, bounds)
-            )
-        ]
-        return ops.concatenate(values, axis=chunk_axis - (chunk_axis > axis))
+    def value_chunk(a, b, _):
+        return _kl_of_logits_chunk(a, b, axis, symmetric)
 
-    def grads_of(a, b, upstream):
-        if chunks is None:
-            grad_a, grad_b = _kl_of_logits_chunk_grads(
-                a, b, upstream, axis, symmetric, constant
-            )
-        else:
-            grad_a, grad_b = chunked_grads_of(a, b, upstream)
-        # Every backend's custom gradient wants one per input.
-        if grad_a is None:
-            grad_a = ops.zeros_like(a)
-        if grad_b is None:
-            grad_b = ops.zeros_like(b)
-        return grad_a, grad_b
+    def grads_chunk(a, b, _, upstream):
+        return _kl_of_logits_chunk_grads(a, b, upstream, axis, symmetric, constant)
 
-    def chunked_grads_of(a, b, upstream):
-        chunk_axis, bounds = chunks
-        up_axis = chunk_axis - (chunk_axis > axis)
-        pieces = zip(
-            _slices(a, chunk_axis, bounds),
-            _slices(b, chunk_axis, bounds),
-            _slices(upstream, up_axis, bounds),
-        )
-        grads_a, grads_b = zip(
-            *(
-                _kl_of_logits_chunk_grads(a_, b_, up, axis, symmetric, constant)
-                for a_, b_, up in pieces
-            )
-        )
-        grad_a = None if constant == "a" else ops.concatenate(grads_a, axis=chunk_axis)
-        del grads_a  # free the pieces before the second concatenation
-        grad_b = None if constant == "b" else ops.concatenate(grads_b, axis=chunk_axis)
-        return grad_a, grad_b
+    def out_axis(chunk_axis):
+        return chunk_axis - (chunk_axis > axis)
 
-    @ops.custom_gradient
-    def kl(a, b):
-        def grad(*args, upstream=None):
-            # JAX and TensorFlow call `grad(upstream)`; torch calls
-            # `grad(a, b, upstream=upstream)` (see `keras.ops.custom_gradient`).
-            if upstream is None:
-                (upstream,) = args
-            return grads_of(a, b, upstream)
-
-        return value_of(a, b), grad
-
-    return kl(a, b)
+    return chunked_pair_op(a, b, axis, value_chunk, grads_chunk, out_axis)
 
 
 def divergence(p, q, from_logits, axis, distribution, symmetric, constant=None):

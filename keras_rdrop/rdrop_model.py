@@ -15,10 +15,17 @@ from keras_rdrop.consistency_terms import (
     position_weights,
     unscale_for_distribution,
 )
+from keras_rdrop.fused_cross_entropy import (
+    ReducedLike,
+    cross_entropy_and_symmetric_kl,
+    fusable_loss,
+    sparse_labels,
+)
 from keras_rdrop.masking import get_keras_mask, set_keras_mask
 from keras_rdrop.output_specs import describe_loss, flatten_like_outputs
 from keras_rdrop.prediction_checks import (
     check_output_activation,
+    check_values,
     output_activations,
 )
 from keras_rdrop.reference_snapshot import ReferenceSnapshot
@@ -352,16 +359,21 @@ class RDropModel(keras.Model):
             if self._rdrop_enabled():
                 y_pred_2 = self.model(x, training=True)
         batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
-        task_loss = super().compute_loss(
-            x, y, y_pred_1, _copy(sample_weight), training=True
-        )
+        fused = self._fused_task_and_consistency(y, y_pred_1, y_pred_2, sample_weight)
+        if fused is not None:
+            task_loss, consistency = fused
+        else:
+            task_loss = super().compute_loss(
+                x, y, y_pred_1, _copy(sample_weight), training=True
+            )
         total = task_loss
         if y_pred_2 is not None:
-            task_loss_2 = super().compute_loss(
-                x, y, y_pred_2, _copy(sample_weight), training=True
-            )
-            task_loss = 0.5 * (task_loss + task_loss_2)
-            consistency = self._consistency(y_pred_1, y_pred_2, sample_weight)
+            if fused is None:
+                task_loss_2 = super().compute_loss(
+                    x, y, y_pred_2, _copy(sample_weight), training=True
+                )
+                task_loss = 0.5 * (task_loss + task_loss_2)
+                consistency = self._consistency(y_pred_1, y_pred_2, sample_weight)
             total = task_loss + consistency["weighted"]
             # Under `tf.distribute` the loss values are scaled per replica;
             # the logs show them unscaled, as Keras does for `loss`.
@@ -377,6 +389,71 @@ class RDropModel(keras.Model):
                 self, x, y_pred_1, sample_weight, batch_size
             )
         return total
+
+    def _fused_task_and_consistency(self, y, y_pred_1, y_pred_2, sample_weight):
+        """The task loss and the KL of both passes in one chunked pass.
+
+        Taken when the compiled loss is one Keras
+        `SparseCategoricalCrossentropy(from_logits=True)` on one output (the
+        language-model case; `fused_cross_entropy.fusable_loss` has the exact
+        conditions): the two cross-entropies and the symmetric KL are computed
+        together by `cross_entropy_and_symmetric_kl`, then reduced by Keras'
+        own loss reduction, so the values are those of the general path
+        without its logits-sized intermediates. Returns `None` otherwise.
+        """
+        nested = keras.tree.is_nested
+        if y_pred_2 is None or nested(y_pred_1) or nested(y) or nested(sample_weight):
+            return None
+        compile_loss = getattr(self, "_compile_loss", None)
+        loss_weight = getattr(compile_loss, "_user_loss_weights", None)
+        if compile_loss is None or isinstance(loss_weight, bool):
+            return None
+        if loss_weight is not None and not isinstance(loss_weight, numbers.Real):
+            return None
+        if not fusable_loss(self.loss, y_pred_1):
+            return None
+        if self.losses and not hasattr(self, "_aggregate_additional_loss"):
+            return None
+        ((_name, term, alpha),) = self._output_specs(y_pred_1)
+        if alpha == 0 or term != (True, "auto"):
+            return None
+        labels = sparse_labels(y, y_pred_1)
+        if labels is None:
+            return None
+        check_values(y_pred_1, True, "categorical", -1, "y_pred")
+        ignore_class = self.loss.ignore_class
+        valid = None
+        if ignore_class is not None:
+            valid = ops.not_equal(labels, ignore_class)
+            labels = ops.where(valid, labels, ops.zeros_like(labels))
+        values = cross_entropy_and_symmetric_kl(y_pred_1, y_pred_2, labels)
+        reduce = ReducedLike(self.loss)
+        task_losses = []
+        for i, y_pred in enumerate((y_pred_1, y_pred_2)):
+            values_i = values[i]
+            mask = get_keras_mask(y_pred)
+            if valid is not None:
+                values_i = ops.where(valid, values_i, ops.zeros_like(values_i))
+                mask = valid if mask is None else ops.logical_and(mask, valid)
+            if mask is not None:
+                set_keras_mask(values_i, mask)
+            value = ops.cast(
+                reduce(y, values_i, _copy(sample_weight)), compile_loss.dtype
+            )
+            if loss_weight is not None:
+                value = ops.multiply(value, loss_weight)
+            task_losses.append(value)
+        task_loss = 0.5 * (task_losses[0] + task_losses[1])
+        for loss in self.losses:
+            task_loss = task_loss + self._aggregate_additional_loss(loss)
+        # The KL is reduced as `PairwiseTerm` reduces it in `_consistency`.
+        skl = values[2]
+        mask = get_keras_mask(y_pred_2)
+        if mask is not None:
+            set_keras_mask(skl, mask)
+        weights = position_weights(_copy(sample_weight), y_pred_1)
+        kl = ReducedLike(PairwiseTerm("symmetric_kl"))(y_pred_1, skl, weights)
+        return task_loss, {"weighted": alpha * kl, "unweighted": kl}
 
     def _consistency(self, y_pred_1, y_pred_2, sample_weight):
         flat_1 = keras.tree.flatten(y_pred_1)

@@ -1,0 +1,199 @@
+"""The fused cross-entropy + symmetric KL of RDropModel's language-model path."""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_rdrop import RDropModel, divergences
+from keras_rdrop.fused_cross_entropy import (
+    cross_entropy_and_symmetric_kl,
+    fusable_loss,
+)
+from tests.testing import assert_allclose, np_log_softmax, np_symmetric_kl, to_numpy
+
+RNG = np.random.default_rng(0)
+
+
+def np_fused(a, b, labels):
+    """float64 reference: CE of each pass and their symmetric KL, per position."""
+    index = labels[..., None]
+    ce_a = -np.take_along_axis(np_log_softmax(a), index, axis=-1)[..., 0]
+    ce_b = -np.take_along_axis(np_log_softmax(b), index, axis=-1)[..., 0]
+    return np.stack([ce_a, ce_b, np_symmetric_kl(a, b)])
+
+
+@pytest.mark.parametrize("chunk_elements", [2**21, 6], ids=["whole", "chunked"])
+def test_values_match_numpy(chunk_elements, monkeypatch):
+    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", chunk_elements)
+    a = (RNG.standard_normal((3, 5, 7)) * 4).astype("float32")
+    b = (RNG.standard_normal((3, 5, 7)) * 4).astype("float32")
+    labels = RNG.integers(0, 7, size=(3, 5)).astype("int32")
+    out = cross_entropy_and_symmetric_kl(a, b, labels)
+    assert tuple(out.shape) == (3, 3, 5)
+    assert_allclose(out, np_fused(a, b, labels), rtol=1e-5, atol=1e-5)
+
+
+def test_low_precision_logits_computed_in_float32():
+    a = RNG.standard_normal((4, 6)).astype("float32")
+    b = RNG.standard_normal((4, 6)).astype("float32")
+    labels = np.array([0, 5, 2, 3], "int32")
+    low_a = keras.ops.cast(a, "bfloat16")
+    low_b = keras.ops.cast(b, "bfloat16")
+    out = cross_entropy_and_symmetric_kl(low_a, low_b, labels)
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
+    exact_a = to_numpy(keras.ops.cast(low_a, "float32"))
+    exact_b = to_numpy(keras.ops.cast(low_b, "float32"))
+    assert_allclose(out, np_fused(exact_a, exact_b, labels), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_elements", [2**21, 4], ids=["whole", "chunked"])
+def test_gradients_match_float64_finite_differences(chunk_elements, monkeypatch):
+    # The gradient RDropModel trains with, in closed form, against central
+    # differences of the float64 reference with a different weight on each
+    # of the three outputs at each position.
+    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", chunk_elements)
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(2, 3, 5)) * 2
+    b = rng.normal(size=(2, 3, 5)) * 2
+    labels = rng.integers(0, 5, size=(2, 3)).astype("int32")
+    w = rng.uniform(0.5, 2.0, size=(3, 2, 3))
+
+    def reference(a_, b_):
+        return float(np.sum(w * np_fused(a_, b_, labels)))
+
+    from tests.test_divergences import _finite_difference_grad, _grad
+
+    for wrt in ("a", "b"):
+        var = keras.Variable((a if wrt == "a" else b).astype("float32"))
+        const = (b if wrt == "a" else a).astype("float32")
+
+        def loss(var=var, const=const, wrt=wrt):
+            pair = (var, const) if wrt == "a" else (const, var)
+            out = cross_entropy_and_symmetric_kl(*pair, labels)
+            return keras.ops.sum(keras.ops.multiply(w.astype("float32"), out))
+
+        if wrt == "a":
+            expected = _finite_difference_grad(lambda x: reference(x, b), a)
+        else:
+            expected = _finite_difference_grad(lambda x: reference(a, x), b)
+        assert_allclose(_grad(loss, var), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_which_losses_are_fused():
+    logits = keras.ops.zeros((2, 3, 5))
+    sparse = keras.losses.SparseCategoricalCrossentropy
+    assert fusable_loss(sparse(from_logits=True), logits)
+    assert fusable_loss(sparse(from_logits=True, ignore_class=0), logits)
+    assert not fusable_loss(sparse(from_logits=False), logits)
+    assert not fusable_loss(sparse(from_logits=True, axis=1), logits)
+    assert not fusable_loss(sparse(from_logits=True, dtype="float64"), logits)
+    assert not fusable_loss("sparse_categorical_crossentropy", logits)
+    assert not fusable_loss(sparse(from_logits=True), keras.ops.zeros((2, 1)))
+
+    class Custom(sparse):
+        pass
+
+    assert not fusable_loss(Custom(from_logits=True), logits)
+
+
+def lm(vocab=11, seed=0):
+    keras.utils.set_random_seed(seed)
+    tokens = keras.Input((6,), dtype="int32")
+    h = keras.layers.Embedding(vocab, 8, mask_zero=True)(tokens)
+    h = keras.layers.Dropout(0.4)(h)
+    h = keras.layers.Dense(
+        16, activation="relu", kernel_regularizer=keras.regularizers.L2(1e-2)
+    )(h)
+    h = keras.layers.Dropout(0.4)(h)
+    # Large initial logits, so the two passes differ and the KL is not small.
+    h = keras.layers.Dense(
+        vocab, kernel_initializer=keras.initializers.RandomNormal(stddev=2.0)
+    )(h)
+    return keras.Model(tokens, h)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "concat"])
+@pytest.mark.parametrize("chunk_elements", [2**21, 16], ids=["whole", "chunked"])
+def test_fused_path_trains_like_the_general_path(mode, chunk_elements, monkeypatch):
+    # With a Keras mask (mask_zero), ignore_class, per-position sample
+    # weights, loss_weights and a regularization loss, the fused path gives
+    # the losses and weights of Keras' own cross-entropy plus the KL.
+    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", chunk_elements)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 11, size=(16, 6)).astype("int32")
+    targets = rng.integers(0, 11, size=(16, 6)).astype("int32")
+    weights = rng.uniform(0.0, 2.0, size=(16, 6)).astype("float32")
+    taken = []
+    fused = RDropModel._fused_task_and_consistency
+
+    def spy(self, *args):
+        result = fused(self, *args)
+        taken.append(result is not None)
+        return result
+
+    runs = []
+    for use_fused in (True, False):
+        monkeypatch.setattr(
+            RDropModel,
+            "_fused_task_and_consistency",
+            spy if use_fused else (lambda self, *args: None),
+        )
+        model = RDropModel(lm(), alpha=1.5, mode=mode)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.5),
+            loss=keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True, ignore_class=3
+            ),
+            loss_weights=0.7,
+        )
+        keras.utils.set_random_seed(1)
+        history = model.fit(
+            tokens,
+            targets,
+            sample_weight=weights,
+            batch_size=8,
+            epochs=2,
+            shuffle=False,
+            verbose=0,
+        )
+        runs.append((history.history, [to_numpy(w) for w in model.weights]))
+    assert taken and all(taken), "the fused path was not taken"
+    (h_fused, w_fused), (h_general, w_general) = runs
+    assert h_fused["kl_loss"][0] > 0.05
+    for key in h_general:
+        assert_allclose(h_fused[key], h_general[key], rtol=1e-5, atol=1e-6)
+    for fused_w, general_w in zip(w_fused, w_general):
+        assert_allclose(fused_w, general_w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        keras.losses.SparseCategoricalCrossentropy(from_logits=False),
+        keras.losses.CategoricalCrossentropy(from_logits=True),
+    ],
+    ids=["probabilities", "categorical"],
+)
+def test_other_losses_take_the_general_path(loss, monkeypatch):
+    taken = []
+    fused = RDropModel._fused_task_and_consistency
+
+    def spy(self, *args):
+        result = fused(self, *args)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(RDropModel, "_fused_task_and_consistency", spy)
+    inner = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dropout(0.3), keras.layers.Dense(3)]
+    )
+    if not loss.get_config().get("from_logits", True):
+        inner.add(keras.layers.Softmax())
+    model = RDropModel(inner)
+    model.compile(optimizer="sgd", loss=loss)
+    x = np.random.default_rng(0).random((8, 4)).astype("float32")
+    y = np.arange(8) % 3
+    if isinstance(loss, keras.losses.CategoricalCrossentropy):
+        y = np.eye(3)[y]
+    model.fit(x, y, epochs=1, verbose=0)
+    assert taken and not any(taken)
