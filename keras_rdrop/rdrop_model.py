@@ -103,6 +103,15 @@ class RDropModel(keras.Model):
     `regression_consistency=True`, which adds the mean squared difference
     between the passes, as the R-Drop paper did for STS-B.
 
+    Language models: when the compiled loss is one
+    `keras.losses.SparseCategoricalCrossentropy(from_logits=True)` on a single
+    output (any `ignore_class`, `reduction`, float `loss_weights`, sample
+    weights and Keras masks), the two passes' cross-entropies and their KL
+    are computed together, in chunks, with a closed-form gradient
+    (`keras_rdrop.fused_cross_entropy`), then reduced by Keras' own loss
+    reduction. The values are those of the general path; the step just keeps
+    no logits-sized intermediates, which matters for large vocabularies.
+
     The training logs show `loss` (the total), `task_loss` (the task loss
     averaged over the two passes), `kl_loss` (the unweighted consistency term,
     summed over outputs) and the compiled metrics, computed on the first pass.
