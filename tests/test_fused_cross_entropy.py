@@ -197,3 +197,49 @@ def test_other_losses_take_the_general_path(loss, monkeypatch):
         y = np.eye(3)[y]
     model.fit(x, y, epochs=1, verbose=0)
     assert taken and not any(taken)
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "torch",
+    reason="counts what torch autograd saves for the backward pass; XLA's "
+    "buffers on JAX and TensorFlow are measured by benchmarks/bench.py "
+    "--model lm50k",
+)
+def test_only_the_logits_are_saved_for_backward_torch():
+    # What makes large vocabularies fit: the fused loss keeps its two inputs
+    # (the logits, which the step holds anyway) and nothing else of their
+    # size, where Keras' cross-entropy and the KL keep log-probabilities.
+    import torch
+
+    from keras_rdrop import symmetric_kl_divergence
+
+    a = torch.randn(2, 8, 50, requires_grad=True)
+    b = torch.randn(2, 8, 50, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 8), dtype=torch.int32)
+
+    def full_size_saved(fn):
+        storages = set()
+
+        def pack(t):
+            if t.numel() >= a.numel():
+                storages.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return storages
+
+    def fused():
+        return cross_entropy_and_symmetric_kl(a, b, labels)
+
+    def general():
+        ce = keras.ops.sparse_categorical_crossentropy
+        return (
+            ce(labels, a, from_logits=True)
+            + ce(labels, b, from_logits=True)
+            + symmetric_kl_divergence(a, b)
+        )
+
+    inputs = {a.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()}
+    assert full_size_saved(fused) == inputs
+    assert len(full_size_saved(general) - inputs) == 2
