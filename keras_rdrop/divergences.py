@@ -169,18 +169,27 @@ def _kl_of_logits_chunk(a, b, axis: int, symmetric: bool):
     a, b = ops.cast(a, "float32"), ops.cast(b, "float32")
     log_p = ops.log_softmax(a, axis=axis)
     log_q = ops.log_softmax(b, axis=axis)
+    return kl_of_log_probs(log_p, log_q, axis, symmetric)
+
+
+def kl_of_log_probs(log_p, log_q, axis: int, symmetric: bool):
+    """(Symmetric) KL from finite log-probabilities, summed over `axis`."""
     if symmetric:
         diff = ops.exp(log_p) - ops.exp(log_q)
         return 0.5 * ops.sum(diff * (log_p - log_q), axis=axis)
     return ops.sum(ops.exp(log_p) * (log_p - log_q), axis=axis)
 
 
-def kl_of_logits_grad_terms(log_p, log_q, axis: int, symmetric: bool, constant=None):
+def kl_of_logits_grad_terms(
+    log_p, log_q, p, q, axis: int, symmetric: bool, constant=None
+):
     """Closed-form gradients of the KL with respect to the logits, per unit.
 
-    Takes the log-probabilities of the two logits `a` and `b` and returns
-    `(dKL/da, dKL/db)` for an upstream gradient of 1 (`None` for the input
-    named by `constant`, which is not computed):
+    Takes the log-probabilities of the two logits `a` and `b` and their
+    exponentials `p` and `q` (`q` may be `None` for KL(p||q) with `b`
+    constant, which does not need it), and returns `(dKL/da, dKL/db)` for an
+    upstream gradient of 1 (`None` for the input named by `constant`, which
+    is not computed):
 
     ```
     d = log p - log q
@@ -189,10 +198,6 @@ def kl_of_logits_grad_terms(log_p, log_q, axis: int, symmetric: bool, constant=N
     dSKL/db = 0.5 * (q * (sum(q * d) - d) + q - p)
     ```
     """
-    p = ops.exp(log_p)
-    # `q` itself is not needed for KL(p||q)'s gradient in `a` alone (the
-    # anchor's case).
-    q = ops.exp(log_q) if symmetric or constant != "b" else None
     d = log_p - log_q
     term_a = term_b = None
     if constant != "a":
@@ -220,7 +225,13 @@ def _kl_of_logits_chunk_grads(a, b, upstream, axis: int, symmetric: bool, consta
     a, b = ops.cast(a, "float32"), ops.cast(b, "float32")
     log_p = ops.log_softmax(a, axis=axis)
     log_q = ops.log_softmax(b, axis=axis)
-    term_a, term_b = kl_of_logits_grad_terms(log_p, log_q, axis, symmetric, constant)
+    p = ops.exp(log_p)
+    # `q` itself is not needed for KL(p||q)'s gradient in `a` alone (the
+    # anchor's case).
+    q = ops.exp(log_q) if symmetric or constant != "b" else None
+    term_a, term_b = kl_of_logits_grad_terms(
+        log_p, log_q, p, q, axis, symmetric, constant
+    )
     upstream = ops.expand_dims(upstream, axis)
     grad_a = None if term_a is None else ops.cast(upstream * term_a, dtype_a)
     grad_b = None if term_b is None else ops.cast(upstream * term_b, dtype_b)

@@ -24,6 +24,7 @@ from keras import ops
 from keras_rdrop.divergences import (
     _as_float,
     chunked_pair_op,
+    kl_of_log_probs,
     kl_of_logits_grad_terms,
 )
 
@@ -120,19 +121,19 @@ def cross_entropy_and_symmetric_kl(a, b, labels):
         index = ops.expand_dims(labels, -1)
         ce_a = -ops.take_along_axis(log_p, index, axis=-1)[..., 0]
         ce_b = -ops.take_along_axis(log_q, index, axis=-1)[..., 0]
-        diff = ops.exp(log_p) - ops.exp(log_q)
-        skl = 0.5 * ops.sum(diff * (log_p - log_q), axis=-1)
+        skl = kl_of_log_probs(log_p, log_q, -1, symmetric=True)
         return ops.stack([ce_a, ce_b, skl])
 
     def grads_chunk(a, b, labels, upstream):
         dtype_a, dtype_b = a.dtype, b.dtype
         log_p, log_q = log_probs(a, b)
-        kl_a, kl_b = kl_of_logits_grad_terms(log_p, log_q, -1, symmetric=True)
+        p, q = ops.exp(log_p), ops.exp(log_q)
+        kl_a, kl_b = kl_of_logits_grad_terms(log_p, log_q, p, q, -1, symmetric=True)
         one_hot = ops.one_hot(labels, num_classes, dtype="float32")
         up_a, up_b, up_kl = (ops.expand_dims(upstream[i], -1) for i in range(3))
         # dCE/da = softmax(a) - one_hot(label).
-        grad_a = up_a * (ops.exp(log_p) - one_hot) + up_kl * kl_a
-        grad_b = up_b * (ops.exp(log_q) - one_hot) + up_kl * kl_b
+        grad_a = up_a * (p - one_hot) + up_kl * kl_a
+        grad_b = up_b * (q - one_hot) + up_kl * kl_b
         return ops.cast(grad_a, dtype_a), ops.cast(grad_b, dtype_b)
 
     def out_axis(chunk_axis):
