@@ -96,6 +96,20 @@ def test_which_losses_are_fused():
     assert not fusable_loss(Custom(from_logits=True), logits)
 
 
+def fused_path_spy():
+    """A stand-in for `RDropModel._fused_task_and_consistency` that records,
+    per call, whether the fused path was taken."""
+    taken = []
+    fused = RDropModel._fused_task_and_consistency
+
+    def spy(self, *args):
+        result = fused(self, *args)
+        taken.append(result is not None)
+        return result
+
+    return spy, taken
+
+
 def lm(vocab=11, seed=0):
     keras.utils.set_random_seed(seed)
     tokens = keras.Input((6,), dtype="int32")
@@ -123,13 +137,7 @@ def test_fused_path_trains_like_the_general_path(mode, chunk_elements, monkeypat
     tokens = rng.integers(0, 11, size=(16, 6)).astype("int32")
     targets = rng.integers(0, 11, size=(16, 6)).astype("int32")
     weights = rng.uniform(0.0, 2.0, size=(16, 6)).astype("float32")
-    taken = []
-    fused = RDropModel._fused_task_and_consistency
-
-    def spy(self, *args):
-        result = fused(self, *args)
-        taken.append(result is not None)
-        return result
+    spy, taken = fused_path_spy()
 
     runs = []
     for use_fused in (True, False):
@@ -175,13 +183,7 @@ def test_fused_path_trains_like_the_general_path(mode, chunk_elements, monkeypat
     ids=["probabilities", "categorical"],
 )
 def test_other_losses_take_the_general_path(loss, monkeypatch):
-    taken = []
-    fused = RDropModel._fused_task_and_consistency
-
-    def spy(self, *args):
-        result = fused(self, *args)
-        taken.append(result is not None)
-        return result
+    spy, taken = fused_path_spy()
 
     monkeypatch.setattr(RDropModel, "_fused_task_and_consistency", spy)
     inner = keras.Sequential(
