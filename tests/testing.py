@@ -59,3 +59,12 @@ def np_kl(p, q, from_logits=True, axis=-1, distribution="auto"):
 
 def np_symmetric_kl(p, q, **kwargs):
     return 0.5 * (np_kl(p, q, **kwargs) + np_kl(q, p, **kwargs))
+
+
+def assert_same_training(actual, expected):
+    """Two runs, each `(history dict, weights)`: the same logs and weights."""
+    (history, weights), (expected_history, expected_weights) = actual, expected
+    for key in expected_history:
+        assert_allclose(history[key], expected_history[key], rtol=1e-5, atol=1e-6)
+    for weight, expected_weight in zip(weights, expected_weights):
+        assert_allclose(weight, expected_weight, rtol=1e-4, atol=1e-5)
