@@ -5,7 +5,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from keras_rdrop import divergences, kl_divergence, symmetric_kl_divergence
+from keras_rdrop import kl_divergence, symmetric_kl_divergence
+from keras_rdrop.src import chunked_gradients, divergences
 from tests.testing import assert_allclose, np_kl, np_symmetric_kl, to_numpy
 
 RNG = np.random.default_rng(0)
@@ -106,7 +107,7 @@ def test_low_precision_gradients_keep_the_input_dtype(chunked, monkeypatch):
     # Each chunk is cast to float32 and its gradient cast back, so bfloat16
     # logits get bfloat16 gradients without a full-size float32 copy.
     if chunked:
-        monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 10)
+        monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", 10)
     p, q = logits(8, 10), logits(8, 10)
     var = keras.Variable(p, dtype="bfloat16")
     q_low = keras.ops.cast(q, "bfloat16")
@@ -206,7 +207,7 @@ def test_constant_input_gets_zero_gradient_and_the_other_is_unchanged(
     # The anchor declares its reference outputs constant: their gradient is
     # skipped, the live side's must not change.
     if chunked:
-        monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 8)
+        monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", 8)
     a, b = logits(4, 3, 6), logits(4, 3, 6)
     w = RNG.uniform(0.5, 2.0, size=(4, 3)).astype("float32")
     grads = {}
@@ -241,8 +242,8 @@ def test_chunked_logits_match_numpy(
     chunk_elements, expected_bounds, symmetric, monkeypatch
 ):
     # Logits of shape (7, 3, 6): the largest non-class axis (0) is split.
-    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", chunk_elements)
-    assert divergences._chunks((7, 3, 6), -1) == expected_bounds
+    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements)
+    assert chunked_gradients.chunks((7, 3, 6), -1) == expected_bounds
     a, b = logits(7, 3, 6), logits(7, 3, 6)
     fn = symmetric_kl_divergence if symmetric else kl_divergence
     np_fn = np_symmetric_kl if symmetric else np_kl
@@ -252,15 +253,16 @@ def test_chunked_logits_match_numpy(
 
 
 def test_chunks_skip_unknown_and_class_axes(monkeypatch):
-    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 8)
+    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", 8)
     # The batch size is unknown (traced): the sequence axis is split.
-    assert divergences._chunks((None, 4, 8), -1) == (1, [(i, i + 1) for i in range(4)])
+    expected = (1, [(i, i + 1) for i in range(4)])
+    assert chunked_gradients.chunks((None, 4, 8), -1) == expected
     # Only the class axis has a static size: one chunk.
-    assert divergences._chunks((None, 64), -1) is None
+    assert chunked_gradients.chunks((None, 64), -1) is None
     # The number of chunks is bounded; the chunks grow instead.
-    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 1)
-    count = len(divergences._chunks((1000, 10), -1)[1])
-    assert 32 < count <= divergences.MAX_CHUNKS
+    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", 1)
+    count = len(chunked_gradients.chunks((1000, 10), -1)[1])
+    assert 32 < count <= chunked_gradients.MAX_CHUNKS
 
 
 def _finite_difference_grad(fn, x, eps=1e-6):
@@ -283,7 +285,7 @@ def test_kl_gradient_matches_float64_finite_differences(
     # categorical logits), against the float64 reference; `chunked` splits
     # every tensor into pieces of at most 4 elements.
     if chunked:
-        monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", 4)
+        monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", 4)
     rng = np.random.default_rng(0)
     a = rng.normal(size=shape) * 2
     b = rng.normal(size=shape) * 2

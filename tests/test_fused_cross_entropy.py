@@ -4,8 +4,10 @@ import keras
 import numpy as np
 import pytest
 
-from keras_rdrop import RDropModel, divergences
-from keras_rdrop.fused_cross_entropy import (
+from keras_rdrop import RDropModel
+from keras_rdrop.src import chunked_gradients
+from keras_rdrop.src.fused_cross_entropy import (
+    FusedLanguageModelLoss,
     cross_entropy_and_symmetric_kl,
     fusable_loss,
 )
@@ -30,7 +32,7 @@ def np_fused(a, b, labels):
 
 @pytest.mark.parametrize("chunk_elements", [2**21, 6], ids=["whole", "chunked"])
 def test_values_match_numpy(chunk_elements, monkeypatch):
-    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements)
     a = (RNG.standard_normal((3, 5, 7)) * 4).astype("float32")
     b = (RNG.standard_normal((3, 5, 7)) * 4).astype("float32")
     labels = RNG.integers(0, 7, size=(3, 5)).astype("int32")
@@ -57,7 +59,7 @@ def test_gradients_match_float64_finite_differences(chunk_elements, monkeypatch)
     # The gradient RDropModel trains with, in closed form, against central
     # differences of the float64 reference with a different weight on each
     # of the three outputs at each position.
-    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements)
     rng = np.random.default_rng(1)
     a = rng.normal(size=(2, 3, 5)) * 2
     b = rng.normal(size=(2, 3, 5)) * 2
@@ -103,14 +105,14 @@ def test_which_losses_are_fused():
 
 
 def fused_path_spy():
-    """A stand-in for `RDropModel._fused_task_and_consistency` that records,
-    per call, whether the fused path was taken."""
+    """A stand-in for `FusedLanguageModelLoss.applies` that records, per
+    call, whether the fused path was taken."""
     taken = []
-    fused = RDropModel._fused_task_and_consistency
+    applies = FusedLanguageModelLoss.applies
 
     def spy(self, *args):
-        result = fused(self, *args)
-        taken.append(result is not None)
+        result = applies(self, *args)
+        taken.append(result)
         return result
 
     return spy, taken
@@ -138,7 +140,7 @@ def test_fused_path_trains_like_the_general_path(mode, chunk_elements, monkeypat
     # With a Keras mask (mask_zero), ignore_class, per-position sample
     # weights, loss_weights and a regularization loss, the fused path gives
     # the losses and weights of Keras' own cross-entropy plus the KL.
-    monkeypatch.setattr(divergences, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 11, size=(16, 6)).astype("int32")
     targets = rng.integers(0, 11, size=(16, 6)).astype("int32")
@@ -148,9 +150,9 @@ def test_fused_path_trains_like_the_general_path(mode, chunk_elements, monkeypat
     runs = []
     for use_fused in (True, False):
         monkeypatch.setattr(
-            RDropModel,
-            "_fused_task_and_consistency",
-            spy if use_fused else (lambda self, *args: None),
+            FusedLanguageModelLoss,
+            "applies",
+            spy if use_fused else (lambda self, *args: False),
         )
         model = RDropModel(lm(), alpha=1.5, mode=mode)
         model.compile(
@@ -187,7 +189,7 @@ def test_fused_path_trains_like_the_general_path(mode, chunk_elements, monkeypat
 def test_other_losses_take_the_general_path(loss, monkeypatch):
     spy, taken = fused_path_spy()
 
-    monkeypatch.setattr(RDropModel, "_fused_task_and_consistency", spy)
+    monkeypatch.setattr(FusedLanguageModelLoss, "applies", spy)
     inner = keras.Sequential(
         [keras.Input((4,)), keras.layers.Dropout(0.3), keras.layers.Dense(3)]
     )

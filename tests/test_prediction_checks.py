@@ -15,9 +15,9 @@ from keras_rdrop import (
     RDropModel,
     SymmetricKLDivergence,
     kl_divergence,
-    prediction_checks,
     symmetric_kl_divergence,
 )
+from keras_rdrop.src import prediction_checks
 from tests.models import classification_data, mlp, sparse_ce
 
 

@@ -26,6 +26,8 @@ import warnings
 import keras
 from keras import ops
 
+from keras_rdrop.src.keras_internals import output_layer
+
 # How far from 1 a sum of probabilities may be (16-bit softmax outputs summed
 # over a large vocabulary are off by a few 1e-3).
 SUM_TOLERANCE = 1e-2
@@ -159,9 +161,7 @@ def output_activations(model: keras.Model) -> list[str | None]:
         return []
     names = []
     for tensor in keras.tree.flatten(outputs):
-        history = getattr(tensor, "_keras_history", None)
-        layer = getattr(history, "operation", None)
-        names.append(_activation_name(layer))
+        names.append(_activation_name(output_layer(tensor)))
     return names
 
 

@@ -1,5 +1,10 @@
 """keras-hub tasks: run the task's preprocessor in RDropModel's fit and predict.
 
+`TaskPreprocessingModel` is the base class of `RDropModel` that holds the
+overrides of `fit`, `evaluate`, `predict` and the `*_on_batch` methods, as
+keras-hub's own `PipelineModel` holds them for its tasks; the training logic
+lives in `RDropModel` and never sees raw inputs.
+
 A keras-hub `Task` (`TextClassifier`, `CausalLM`, ...) accepts raw inputs
 (strings) in `fit`, `evaluate` and `predict` and runs its `preprocessor` on
 them. `RDropModel` wraps the task, so it must do the same. It calls the task's
@@ -120,3 +125,95 @@ def preprocess_validation(fn, validation_data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(validation_data)
     x, y, sample_weight = preprocess(fn, x, y, sample_weight)
     return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
+
+
+def _check_not_empty(x):
+    leaves = keras.tree.flatten(x) if x is not None else []
+    if leaves and hasattr(leaves[0], "shape") and len(leaves[0].shape) > 0:
+        if leaves[0].shape[0] == 0:
+            raise ValueError(
+                "`x` is empty: it has 0 samples, so there is nothing to train on. "
+                f"Received: x with shape {tuple(leaves[0].shape)}"
+            )
+
+
+class TaskPreprocessingModel(keras.Model):
+    """A model that wraps `self.model` and preprocesses as its task would.
+
+    When `self.model` is a keras-hub task with a preprocessor, raw inputs
+    (for example strings) given to `fit`, `evaluate`, `predict` and the
+    `*_on_batch` methods go through the task's `preprocess_samples` first
+    (see the module docstring); otherwise they pass through unchanged.
+    """
+
+    def _task_preprocessor(self):
+        return task_preprocessor(self.model)
+
+    def fit(
+        self,
+        x=None,
+        y=None,
+        batch_size=None,
+        epochs=1,
+        verbose="auto",
+        callbacks=None,
+        validation_split=0.0,
+        validation_data=None,
+        shuffle=True,
+        class_weight=None,
+        sample_weight=None,
+        **kwargs,
+    ):
+        """Trains the model; see `keras.Model.fit`.
+
+        When the inner model is a keras-hub task with a preprocessor, raw
+        inputs (for example strings) are preprocessed by the task first, as
+        the task's own `fit` does.
+        """
+        fn = self._task_preprocessor()
+        x, y, sample_weight = preprocess(fn, x, y, sample_weight)
+        validation_data = preprocess_validation(fn, validation_data)
+        _check_not_empty(x)
+        return super().fit(
+            x=x,
+            y=y,
+            batch_size=batch_size,
+            epochs=epochs,
+            verbose=verbose,
+            callbacks=callbacks,
+            validation_split=validation_split,
+            validation_data=validation_data,
+            shuffle=shuffle,
+            class_weight=class_weight,
+            sample_weight=sample_weight,
+            **kwargs,
+        )
+
+    def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
+        """Evaluates the inner model; see `keras.Model.evaluate`."""
+        fn = self._task_preprocessor()
+        if kwargs.get("_use_cached_eval_dataset"):
+            fn = None  # validation inside `fit`: `fit` preprocessed it already
+        x, y, sample_weight = preprocess(fn, x, y, sample_weight)
+        return super().evaluate(
+            x=x, y=y, batch_size=batch_size, sample_weight=sample_weight, **kwargs
+        )
+
+    def predict(self, x, batch_size=None, **kwargs):
+        """Predicts with the inner model; see `keras.Model.predict`."""
+        x, _, _ = preprocess(self._task_preprocessor(), x)
+        return super().predict(x, batch_size=batch_size, **kwargs)
+
+    def train_on_batch(self, x, y=None, sample_weight=None, **kwargs):
+        fn = self._task_preprocessor()
+        x, y, sample_weight = preprocess(fn, x, y, sample_weight)
+        return super().train_on_batch(x, y, sample_weight=sample_weight, **kwargs)
+
+    def test_on_batch(self, x, y=None, sample_weight=None, **kwargs):
+        fn = self._task_preprocessor()
+        x, y, sample_weight = preprocess(fn, x, y, sample_weight)
+        return super().test_on_batch(x, y, sample_weight=sample_weight, **kwargs)
+
+    def predict_on_batch(self, x):
+        x, _, _ = preprocess(self._task_preprocessor(), x)
+        return super().predict_on_batch(x)

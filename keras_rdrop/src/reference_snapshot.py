@@ -13,11 +13,14 @@ import dataclasses
 import keras
 from keras import ops
 
-from keras_rdrop.consistency_terms import (
+from keras_rdrop.src.consistency_terms import (
+    copy_sample_weight,
     num_replicas_in_sync,
+    per_output_weights,
     position_weights,
     unscale_for_distribution,
 )
+from keras_rdrop.src.keras_internals import set_variable_layout, variable_layout
 
 DIRECTIONS = ("forward", "reverse", "symmetric")
 _KIND = {"forward": "kl", "reverse": "reverse_kl", "symmetric": "symmetric_kl"}
@@ -98,7 +101,7 @@ class ReferenceSnapshot(keras.layers.Layer):
                 (tuple(w.shape), dtype or keras.backend.standardize_dtype(w.dtype))
                 for w in weights
             ]
-            self.build(specs, [getattr(w, "_layout", None) for w in weights])
+            self.build(specs, [variable_layout(w) for w in weights])
         self.check_matches(model)
         self.match_layouts(model)
         for ref, w in zip(self.ref_weights, weights):
@@ -137,10 +140,9 @@ class ReferenceSnapshot(keras.layers.Layer):
         model's layouts: it is re-laid out here, shard by shard.
         """
         for ref, w in zip(self.ref_weights, snapshot_weights(model)):
-            layout = getattr(w, "_layout", None)
-            if layout is not None and getattr(ref, "_layout", None) is not layout:
-                ref._layout = layout
-                ref.assign(ref.value)  # JAX: re-distributed to `layout`
+            layout = variable_layout(w)
+            if layout is not None and variable_layout(ref) is not layout:
+                set_variable_layout(ref, layout)  # JAX: re-distributed
 
     def load_own_variables(self, store):
         # A snapshot saved with the model is restored even into a fresh,
@@ -175,9 +177,18 @@ class ReferenceSnapshot(keras.layers.Layer):
             [value(v) for v in model.non_trainable_variables],
         )
 
-    def penalty(self, rdrop_model, x, y_pred, sample_weight, batch_size):
-        """`beta * KL` between the live outputs and the reference's, on `x`."""
-        model = rdrop_model.model
+    def penalty(self, plan, model, x, y_pred, sample_weight, batch_size):
+        """`beta * KL` between the live outputs and the reference's, on `x`.
+
+        Args:
+            plan: The step's per-output plan (`output_plan.build_plan`): the
+                outputs with no consistency term get no KL.
+            model: The inner model whose weights the snapshot copies.
+            x: The batch's inputs.
+            y_pred: The live outputs of the first pass on `x`.
+            sample_weight: The step's `sample_weight`, or `None`.
+            batch_size: The batch's size, to weigh the logged `ref_kl`.
+        """
         trainable, non_trainable = self._reference_values(model)
         ref_pred, _ = model.stateless_call(trainable, non_trainable, x, training=False)
         flat_live = keras.tree.flatten(y_pred)
@@ -187,23 +198,20 @@ class ReferenceSnapshot(keras.layers.Layer):
                 f"The reference gives {len(flat_ref)} outputs but the model gives "
                 f"{len(flat_live)}."
             )
-        from keras_rdrop.rdrop_model import _copy, _flatten_weights
-
-        weights = _flatten_weights(_copy(sample_weight), len(flat_live))
+        weights = per_output_weights(copy_sample_weight(sample_weight), len(flat_live))
         kind = _KIND[self.settings.direction]
         total = ops.zeros((), "float32")
-        for (name, term, _), live, ref, w in zip(
-            rdrop_model._output_specs(y_pred), flat_live, flat_ref, weights
-        ):
+        for entry, live, ref, w in zip(plan, flat_live, flat_ref, weights):
             if tuple(live.shape[1:]) != tuple(ref.shape[1:]):
                 raise ValueError(
-                    f"The reference's output {name!r} has shape {tuple(ref.shape)} "
-                    f"but the model's has shape {tuple(live.shape)}."
+                    f"The reference's output {entry.name!r} has shape "
+                    f"{tuple(ref.shape)} but the model's has shape "
+                    f"{tuple(live.shape)}."
                 )
-            if term is None:
+            if entry.term is None:
                 continue
             # The reference is constant: no gradient is computed for it.
-            loss = rdrop_model._pairwise(term, kind, constant_b=True)
+            loss = entry.term.pairwise(kind, constant_b=True)
             total = total + loss(live, ref, sample_weight=position_weights(w, live))
         # `total` is scaled per replica under `tf.distribute`, like the loss.
         kl = unscale_for_distribution(ops.stop_gradient(total))

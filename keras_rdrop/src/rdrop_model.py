@@ -9,26 +9,20 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_rdrop import keras_hub_support
-from keras_rdrop.consistency_terms import (
-    PairwiseTerm,
-    position_weights,
+from keras_rdrop.src.consistency_terms import (
+    copy_sample_weight,
+    pairwise_consistency,
     unscale_for_distribution,
 )
-from keras_rdrop.fused_cross_entropy import (
-    ReducedLike,
-    cross_entropy_and_symmetric_kl,
-    fusable_loss,
-    sparse_labels,
+from keras_rdrop.src.fused_cross_entropy import FusedLanguageModelLoss
+from keras_rdrop.src.keras_hub_pipeline import TaskPreprocessingModel
+from keras_rdrop.src.keras_internals import (
+    flatten_layers,
+    get_keras_mask,
+    set_keras_mask,
 )
-from keras_rdrop.masking import get_keras_mask, set_keras_mask
-from keras_rdrop.output_specs import describe_loss, flatten_like_outputs
-from keras_rdrop.prediction_checks import (
-    check_output_activation,
-    check_values,
-    output_activations,
-)
-from keras_rdrop.reference_snapshot import ReferenceSnapshot
+from keras_rdrop.src.output_plan import PlanCache
+from keras_rdrop.src.reference_snapshot import ReferenceSnapshot
 
 MODES = ("sequential", "concat")
 _OWN_LOG_NAMES = ("kl_loss", "task_loss", "ref_kl")
@@ -62,7 +56,7 @@ def _validate_alpha(alpha: Any, name: str = "alpha"):
 
 def has_stochastic_layer(model: keras.Model) -> bool:
     """Whether any layer of `model` draws random numbers in training."""
-    for layer in model._flatten_layers(include_self=True):
+    for layer in flatten_layers(model):
         if isinstance(layer, _STOCHASTIC_TYPES):
             rate = getattr(layer, "rate", getattr(layer, "stddev", 1.0))
             if rate and rate > 0:
@@ -77,7 +71,7 @@ def has_stochastic_layer(model: keras.Model) -> bool:
 
 
 @keras.saving.register_keras_serializable(package="keras_rdrop")
-class RDropModel(keras.Model):
+class RDropModel(TaskPreprocessingModel):
     """Wraps any Keras model to train it with R-Drop.
 
     In each training step the inner model runs twice on the same batch with
@@ -108,7 +102,7 @@ class RDropModel(keras.Model):
     output (any `ignore_class`, `reduction`, float `loss_weights`, sample
     weights and Keras masks), the two passes' cross-entropies and their KL
     are computed together, in chunks, with a closed-form gradient
-    (`keras_rdrop.fused_cross_entropy`), then reduced by Keras' own loss
+    (`FusedLanguageModelLoss`), then reduced by Keras' own loss
     reduction. The values are those of the general path; the step just keeps
     no logits-sized intermediates, which matters for large vocabularies.
 
@@ -220,9 +214,11 @@ class RDropModel(keras.Model):
         self.task_loss_tracker = keras.metrics.Mean(name="task_loss")
         # Filled by `ReferenceKLRegularizer`; holds no variables until then.
         self.reference = ReferenceSnapshot(name="reference")
-        self._stacked_outputs = False
-        self._training_step = False
-        self._activations_checked = False
+        self._plans = PlanCache()
+        self._loss_weights = None
+        # Keras calls `compute_metrics` without a `training` argument, after
+        # `compute_loss`: the one flag, set there, that says which step it is.
+        self._in_training_step = False
         if model.built:
             # RDropModel has no weights of its own: it is built when the inner
             # model is (BackupAndRestore, for one, requires a built model).
@@ -242,6 +238,23 @@ class RDropModel(keras.Model):
             return any(a > 0 for a in self.alpha.values())
         return self.alpha > 0
 
+    def compile(
+        self, optimizer="rmsprop", loss=None, loss_weights=None, *args, **kwargs
+    ):
+        """Configures the model for training; see `keras.Model.compile`."""
+        # The fused path applies `loss_weights` itself.
+        self._loss_weights = loss_weights
+        self._plans.clear()
+        super().compile(optimizer, loss, loss_weights, *args, **kwargs)
+
+    def compile_from_config(self, config):
+        """Compiles the model as `config` says (a loaded `.keras` file)."""
+        # Keras skips this for a model whose `compile` is overridden, as
+        # ours is, unless the model does it itself.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     # ------------------------------------------------------------------ call
 
     def build(self, input_shape=None):
@@ -250,79 +263,17 @@ class RDropModel(keras.Model):
         # `ReferenceKLRegularizer` fills it.
         pass
 
+    def _stacks(self, training) -> bool:
+        """Whether a call with `training` runs both passes as one, `[x; x]`."""
+        return bool(training) and self.mode == "concat" and self._rdrop_enabled()
+
     def call(self, inputs, training=None):
-        stack = bool(training) and self.mode == "concat" and self._rdrop_enabled()
-        self._stacked_outputs = stack
-        if not stack:
+        if not self._stacks(training):
             return self.model(inputs, training=training)
         doubled = keras.tree.map_structure(
             lambda t: ops.concatenate([t, t], axis=0), inputs
         )
         return self.model(doubled, training=training)
-
-    # --------------------------------------------------------------- outputs
-
-    def _output_specs(self, y_pred):
-        """Per output, in `keras.tree.flatten(y_pred)` order: name, spec, alpha."""
-        output_names = getattr(self.model, "output_names", None)
-        names, losses = flatten_like_outputs(self.loss, y_pred, output_names, "loss")
-        _, alphas = flatten_like_outputs(self.alpha, y_pred, output_names, "alpha")
-        alphas = [0.0 if a is None else a for a in alphas]
-        if self.from_logits is None:
-            overrides = [None] * len(names)
-        else:
-            _, overrides = flatten_like_outputs(
-                self.from_logits, y_pred, output_names, "from_logits"
-            )
-        activations = [None] * len(names)
-        if not self._activations_checked:
-            # Read once (at trace time where the step is traced): a softmax
-            # output declared as logits, or a linear one as probabilities.
-            self._activations_checked = True
-            found = output_activations(self.model)
-            if len(found) == len(names):
-                activations = found
-        specs = []
-        for name, loss, alpha, override, activation in zip(
-            names, losses, alphas, overrides, activations
-        ):
-            spec = describe_loss(loss, name)
-            from_logits = spec.from_logits if override is None else override
-            term = None
-            if spec.kind == "regression":
-                if self.regression_consistency:
-                    term = PairwiseTerm("mse")
-                elif isinstance(self.alpha, dict) and alpha > 0:
-                    raise ValueError(
-                        f"`alpha` asks for a KL on output {name!r}, but its loss "
-                        f"({spec.loss_name}) is a regression loss, so the output is "
-                        "not a distribution. Set regression_consistency=True for a "
-                        "mean-squared consistency term, or drop it from `alpha`."
-                    )
-            elif spec.kind in ("categorical", "bernoulli", "unknown"):
-                if from_logits is None:
-                    raise ValueError(
-                        f"Cannot tell whether output {name!r} holds logits or "
-                        f"probabilities: its loss {spec.loss_name!r} does not say. "
-                        "Pass `from_logits=True` (or False, or a dict keyed by "
-                        "output name) to RDropModel."
-                    )
-                check_output_activation(activation, from_logits, name)
-                distribution = "bernoulli" if spec.kind == "bernoulli" else "auto"
-                term = (from_logits, distribution)
-            specs.append((name, term, alpha))
-        return specs
-
-    def _pairwise(self, term, kind, constant_b=False):
-        if isinstance(term, PairwiseTerm):
-            return term
-        from_logits, distribution = term
-        return PairwiseTerm(
-            kind,
-            from_logits=from_logits,
-            distribution=distribution,
-            constant_b=constant_b,
-        )
 
     def _split(self, y_pred):
         """Splits the stacked `[pass_1; pass_2]` outputs, masks included."""
@@ -344,7 +295,7 @@ class RDropModel(keras.Model):
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
-        self._training_step = bool(training)
+        self._in_training_step = bool(training)
         if training and self.loss is None and not self.losses:
             # Keras' JAX trainer would silently train on a zero loss.
             raise ValueError(
@@ -360,29 +311,22 @@ class RDropModel(keras.Model):
             )
         if not training:
             return super().compute_loss(x, y, y_pred, sample_weight, training=False)
-        if self._stacked_outputs:
+        if self._stacks(training):
             y_pred_1, y_pred_2 = self._split(y_pred)
         else:
             y_pred_1 = y_pred
-            y_pred_2 = None
-            if self._rdrop_enabled():
-                y_pred_2 = self.model(x, training=True)
+            y_pred_2 = self.model(x, training=True) if self._rdrop_enabled() else None
+        plan = self._plans.get(self, y_pred_1)
         batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
-        fused = self._fused_task_and_consistency(y, y_pred_1, y_pred_2, sample_weight)
-        if fused is not None:
-            task_loss, consistency = fused
+        consistency = None
+        if y_pred_2 is None:
+            task_loss = self._task_loss(x, y, y_pred_1, sample_weight)
         else:
-            task_loss = super().compute_loss(
-                x, y, y_pred_1, _copy(sample_weight), training=True
+            task_loss, consistency = self._two_pass_loss(
+                plan, x, y, y_pred_1, y_pred_2, sample_weight
             )
         total = task_loss
-        if y_pred_2 is not None:
-            if fused is None:
-                task_loss_2 = super().compute_loss(
-                    x, y, y_pred_2, _copy(sample_weight), training=True
-                )
-                task_loss = 0.5 * (task_loss + task_loss_2)
-                consistency = self._consistency(y_pred_1, y_pred_2, sample_weight)
+        if consistency is not None:
             total = task_loss + consistency["weighted"]
             # Under `tf.distribute` the loss values are scaled per replica;
             # the logs show them unscaled, as Keras does for `loss`.
@@ -395,100 +339,47 @@ class RDropModel(keras.Model):
         )
         if self.reference.active:
             total = total + self.reference.penalty(
-                self, x, y_pred_1, sample_weight, batch_size
+                plan, self.model, x, y_pred_1, sample_weight, batch_size
             )
         return total
 
-    def _fused_task_and_consistency(self, y, y_pred_1, y_pred_2, sample_weight):
-        """The task loss and the KL of both passes in one chunked pass.
+    def _task_loss(self, x, y, y_pred, sample_weight):
+        """Keras' own loss of one pass (compiled loss plus `model.losses`)."""
+        return super().compute_loss(
+            x, y, y_pred, copy_sample_weight(sample_weight), training=True
+        )
 
-        Taken when the compiled loss is one Keras
-        `SparseCategoricalCrossentropy(from_logits=True)` on one output (the
-        language-model case; `fused_cross_entropy.fusable_loss` has the exact
-        conditions): the two cross-entropies and the symmetric KL are computed
-        together by `cross_entropy_and_symmetric_kl`, then reduced by Keras'
-        own loss reduction, so the values are those of the general path
-        without its logits-sized intermediates. Returns `None` otherwise.
+    def _two_pass_loss(self, plan, x, y, y_pred_1, y_pred_2, sample_weight):
+        """The mean task loss of both passes, and their consistency terms.
+
+        The fused language-model path (`FusedLanguageModelLoss`) computes
+        both in one chunked pass where it applies; the general path runs
+        Keras' compiled loss on each pass and adds `pairwise_consistency`.
         """
-        nested = keras.tree.is_nested
-        if y_pred_2 is None or nested(y_pred_1) or nested(y) or nested(sample_weight):
-            return None
-        compile_loss = getattr(self, "_compile_loss", None)
-        loss_weight = getattr(compile_loss, "_user_loss_weights", None)
-        if compile_loss is None or isinstance(loss_weight, bool):
-            return None
-        if loss_weight is not None and not isinstance(loss_weight, numbers.Real):
-            return None
-        if not fusable_loss(self.loss, y_pred_1):
-            return None
-        if self.losses and not hasattr(self, "_aggregate_additional_loss"):
-            return None
-        ((_name, term, alpha),) = self._output_specs(y_pred_1)
-        if alpha == 0 or term != (True, "auto"):
-            return None
-        labels = sparse_labels(y, y_pred_1)
-        if labels is None:
-            return None
-        check_values(y_pred_1, True, "categorical", -1, "y_pred")
-        ignore_class = self.loss.ignore_class
-        valid = None
-        if ignore_class is not None:
-            valid = ops.not_equal(labels, ignore_class)
-            labels = ops.where(valid, labels, ops.zeros_like(labels))
-        values = cross_entropy_and_symmetric_kl(y_pred_1, y_pred_2, labels)
-        reduce = ReducedLike(self.loss)
-        task_losses = []
-        for i, y_pred in enumerate((y_pred_1, y_pred_2)):
-            values_i = values[i]
-            mask = get_keras_mask(y_pred)
-            if valid is not None:
-                values_i = ops.where(valid, values_i, ops.zeros_like(values_i))
-                mask = valid if mask is None else ops.logical_and(mask, valid)
-            if mask is not None:
-                set_keras_mask(values_i, mask)
-            value = ops.cast(
-                reduce(y, values_i, _copy(sample_weight)), compile_loss.dtype
+        fused = FusedLanguageModelLoss()
+        args = (self.loss, self._loss_weights)
+        if fused.applies(plan, *args, y, y_pred_1, y_pred_2, sample_weight):
+            return fused.compute(
+                plan, *args, self.losses, y, y_pred_1, y_pred_2, sample_weight
             )
-            if loss_weight is not None:
-                value = ops.multiply(value, loss_weight)
-            task_losses.append(value)
-        task_loss = 0.5 * (task_losses[0] + task_losses[1])
-        for loss in self.losses:
-            task_loss = task_loss + self._aggregate_additional_loss(loss)
-        # The KL is reduced as `PairwiseTerm` reduces it in `_consistency`.
-        skl = values[2]
-        mask = get_keras_mask(y_pred_2)
-        if mask is not None:
-            set_keras_mask(skl, mask)
-        weights = position_weights(_copy(sample_weight), y_pred_1)
-        kl = ReducedLike(PairwiseTerm("symmetric_kl"))(y_pred_1, skl, weights)
-        return task_loss, {"weighted": alpha * kl, "unweighted": kl}
+        task_loss = 0.5 * (
+            self._task_loss(x, y, y_pred_1, sample_weight)
+            + self._task_loss(x, y, y_pred_2, sample_weight)
+        )
+        return task_loss, pairwise_consistency(plan, y_pred_1, y_pred_2, sample_weight)
 
     def _consistency(self, y_pred_1, y_pred_2, sample_weight):
-        flat_1 = keras.tree.flatten(y_pred_1)
-        flat_2 = keras.tree.flatten(y_pred_2)
-        weights = _flatten_weights(_copy(sample_weight), len(flat_1))
-        weighted = ops.zeros((), "float32")
-        unweighted = ops.zeros((), "float32")
-        for (_name, term, alpha), a, b, w in zip(
-            self._output_specs(y_pred_1), flat_1, flat_2, weights
-        ):
-            if term is None or alpha == 0:
-                continue
-            value = self._pairwise(term, "symmetric_kl")(
-                a, b, sample_weight=position_weights(w, a)
-            )
-            unweighted = unweighted + value
-            weighted = weighted + alpha * value
-        return {"weighted": weighted, "unweighted": unweighted}
+        """The general path's consistency terms between two given passes."""
+        plan = self._plans.get(self, y_pred_1)
+        return pairwise_consistency(plan, y_pred_1, y_pred_2, sample_weight)
 
     # --------------------------------------------------------------- metrics
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        if self._stacked_outputs:
+        if self._stacks(self._in_training_step):
             y_pred, _ = self._split(y_pred)
         results = super().compute_metrics(x, y, y_pred, sample_weight)
-        if not self._training_step:
+        if not self._in_training_step:
             # `evaluate` reports exactly what the inner model would.
             results = {k: v for k, v in results.items() if k not in _OWN_LOG_NAMES}
         else:
@@ -497,79 +388,6 @@ class RDropModel(keras.Model):
             if not self._rdrop_enabled():
                 results.pop("kl_loss", None)
         return results
-
-    # ------------------------------------------ keras-hub task preprocessing
-
-    def fit(
-        self,
-        x=None,
-        y=None,
-        batch_size=None,
-        epochs=1,
-        verbose="auto",
-        callbacks=None,
-        validation_split=0.0,
-        validation_data=None,
-        shuffle=True,
-        class_weight=None,
-        sample_weight=None,
-        **kwargs,
-    ):
-        """Trains the model; see `keras.Model.fit`.
-
-        When the inner model is a keras-hub task with a preprocessor, raw
-        inputs (for example strings) are preprocessed by the task first, as the
-        task's own `fit` does (see `keras_rdrop.keras_hub_support`).
-        """
-        fn = keras_hub_support.task_preprocessor(self.model)
-        x, y, sample_weight = keras_hub_support.preprocess(fn, x, y, sample_weight)
-        validation_data = keras_hub_support.preprocess_validation(fn, validation_data)
-        _check_not_empty(x)
-        return super().fit(
-            x=x,
-            y=y,
-            batch_size=batch_size,
-            epochs=epochs,
-            verbose=verbose,
-            callbacks=callbacks,
-            validation_split=validation_split,
-            validation_data=validation_data,
-            shuffle=shuffle,
-            class_weight=class_weight,
-            sample_weight=sample_weight,
-            **kwargs,
-        )
-
-    def evaluate(self, x=None, y=None, batch_size=None, sample_weight=None, **kwargs):
-        """Evaluates the inner model; see `keras.Model.evaluate`."""
-        fn = keras_hub_support.task_preprocessor(self.model)
-        if kwargs.get("_use_cached_eval_dataset"):
-            fn = None  # validation inside `fit`: `fit` preprocessed it already
-        x, y, sample_weight = keras_hub_support.preprocess(fn, x, y, sample_weight)
-        return super().evaluate(
-            x=x, y=y, batch_size=batch_size, sample_weight=sample_weight, **kwargs
-        )
-
-    def predict(self, x, batch_size=None, **kwargs):
-        """Predicts with the inner model; see `keras.Model.predict`."""
-        fn = keras_hub_support.task_preprocessor(self.model)
-        x, _, _ = keras_hub_support.preprocess(fn, x)
-        return super().predict(x, batch_size=batch_size, **kwargs)
-
-    def train_on_batch(self, x, y=None, sample_weight=None, **kwargs):
-        fn = keras_hub_support.task_preprocessor(self.model)
-        x, y, sample_weight = keras_hub_support.preprocess(fn, x, y, sample_weight)
-        return super().train_on_batch(x, y, sample_weight=sample_weight, **kwargs)
-
-    def test_on_batch(self, x, y=None, sample_weight=None, **kwargs):
-        fn = keras_hub_support.task_preprocessor(self.model)
-        x, y, sample_weight = keras_hub_support.preprocess(fn, x, y, sample_weight)
-        return super().test_on_batch(x, y, sample_weight=sample_weight, **kwargs)
-
-    def predict_on_batch(self, x):
-        fn = keras_hub_support.task_preprocessor(self.model)
-        x, _, _ = keras_hub_support.preprocess(fn, x)
-        return super().predict_on_batch(x)
 
     # ---------------------------------------------------------- serialization
 
@@ -593,33 +411,3 @@ class RDropModel(keras.Model):
             config["model"], custom_objects=custom_objects
         )
         return cls(**config)
-
-
-def _check_not_empty(x):
-    leaves = keras.tree.flatten(x) if x is not None else []
-    if leaves and hasattr(leaves[0], "shape") and len(leaves[0].shape) > 0:
-        if leaves[0].shape[0] == 0:
-            raise ValueError(
-                "`x` is empty: it has 0 samples, so there is nothing to train on. "
-                f"Received: x with shape {tuple(leaves[0].shape)}"
-            )
-
-
-def _copy(sample_weight):
-    # Keras' loss reduction multiplies a masked `sample_weight` in place
-    # (`sample_weight *= mask`), which on torch mutates the caller's tensor:
-    # each use gets its own copy.
-    if sample_weight is None:
-        return None
-    return keras.tree.map_structure(ops.copy, sample_weight)
-
-
-def _flatten_weights(sample_weight, num_outputs):
-    if sample_weight is None:
-        return [None] * num_outputs
-    if isinstance(sample_weight, dict):
-        return [sample_weight[k] for k in sorted(sample_weight)]
-    if isinstance(sample_weight, (list, tuple)):
-        if len(sample_weight) == num_outputs:
-            return list(sample_weight)
-    return [sample_weight] * num_outputs

@@ -8,10 +8,12 @@ loss scaling of `tf.distribute`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 from keras import ops
 
-from keras_rdrop.divergences import divergence
+from keras_rdrop.src.divergences import divergence
 
 KINDS = ("symmetric_kl", "kl", "reverse_kl", "mse")
 
@@ -58,6 +60,89 @@ class PairwiseTerm(keras.losses.Loss):
             symmetric=symmetric,
             constant=constant,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsistencyTerm:
+    """How two predictions of one output are compared.
+
+    `kind` is `"distribution"` (a KL, categorical or Bernoulli, of logits or
+    probabilities as `from_logits` says) or `"regression"` (the mean squared
+    difference, whatever divergence is asked for).
+    """
+
+    kind: str
+    from_logits: bool | None = None
+    distribution: str = "auto"
+
+    def pairwise(self, divergence: str = "symmetric_kl", constant_b: bool = False):
+        """The `PairwiseTerm` comparing two predictions with `divergence`.
+
+        `divergence` is `"symmetric_kl"`, `"kl"` or `"reverse_kl"`;
+        `constant_b=True` declares that the second prediction gets no
+        gradient (the anchor's reference outputs).
+        """
+        if self.kind == "regression":
+            return PairwiseTerm("mse")
+        return PairwiseTerm(
+            divergence,
+            from_logits=self.from_logits,
+            distribution=self.distribution,
+            constant_b=constant_b,
+        )
+
+
+def copy_sample_weight(sample_weight):
+    """A copy of `sample_weight` (any structure), or `None`.
+
+    Keras' loss reduction multiplies a masked `sample_weight` in place
+    (`sample_weight *= mask`), which on torch mutates the caller's tensor:
+    each use gets its own copy.
+    """
+    if sample_weight is None:
+        return None
+    return keras.tree.map_structure(ops.copy, sample_weight)
+
+
+def per_output_weights(sample_weight, num_outputs: int) -> list:
+    """`sample_weight` as one entry per output (`None` where there is none)."""
+    if sample_weight is None:
+        return [None] * num_outputs
+    if isinstance(sample_weight, dict):
+        return [sample_weight[k] for k in sorted(sample_weight)]
+    if isinstance(sample_weight, (list, tuple)):
+        if len(sample_weight) == num_outputs:
+            return list(sample_weight)
+    return [sample_weight] * num_outputs
+
+
+def pairwise_consistency(plan, y_pred_1, y_pred_2, sample_weight) -> dict:
+    """The R-Drop term between two passes, summed over the plan's outputs.
+
+    Args:
+        plan: The per-output plan (`output_plan.build_plan`).
+        y_pred_1: The outputs of the first pass.
+        y_pred_2: The outputs of the second pass, the same structure.
+        sample_weight: The step's `sample_weight` (any structure) or `None`.
+
+    Returns:
+        A dict with `"weighted"` (sum of `alpha * term`) and `"unweighted"`
+        (sum of the terms), float32 scalars.
+    """
+    flat_1 = keras.tree.flatten(y_pred_1)
+    flat_2 = keras.tree.flatten(y_pred_2)
+    weights = per_output_weights(copy_sample_weight(sample_weight), len(flat_1))
+    weighted = ops.zeros((), "float32")
+    unweighted = ops.zeros((), "float32")
+    for entry, a, b, w in zip(plan, flat_1, flat_2, weights):
+        if entry.term is None or entry.alpha == 0:
+            continue
+        value = entry.term.pairwise("symmetric_kl")(
+            a, b, sample_weight=position_weights(w, a)
+        )
+        unweighted = unweighted + value
+        weighted = weighted + entry.alpha * value
+    return {"weighted": weighted, "unweighted": unweighted}
 
 
 def position_weights(sample_weight, output):

@@ -9,7 +9,12 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_rdrop.reference_snapshot import DIRECTIONS, ReferenceSettings
+from keras_rdrop.src.keras_internals import reset_train_function
+from keras_rdrop.src.reference_snapshot import (
+    DIRECTIONS,
+    ReferenceSettings,
+    ReferenceSnapshot,
+)
 
 
 def _positive_int_or_none(value, name):
@@ -209,9 +214,9 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
     # ------------------------------------------------------------ attaching
 
     def set_model(self, model):
-        from keras_rdrop.rdrop_model import RDropModel
-
-        if not isinstance(model, RDropModel):
+        # An RDropModel holds its snapshot as `model.reference` (asked this
+        # way so that this module need not import RDropModel).
+        if not isinstance(getattr(model, "reference", None), ReferenceSnapshot):
             raise TypeError(
                 "ReferenceKLRegularizer works on an RDropModel, which holds the "
                 f"reference snapshot. Received a {type(model).__name__}. Wrap your "
@@ -236,7 +241,7 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
         step = _iterations(model)
         reference.beta.assign(self._beta_at(step))
         # The step function reads the settings when it is traced: rebuild it.
-        model.train_function = None
+        reset_train_function(model)
 
     def on_train_begin(self, logs=None):
         self._step = _iterations(self.model)
@@ -244,7 +249,7 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         model = self.model
         model.reference.settings = None
-        model.train_function = None
+        reset_train_function(model)
 
     # ------------------------------------------------------------- stepping
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from keras_rdrop.divergences import (
+from keras_rdrop.src.divergences import (
     symmetric_kl_divergence,
     validate_axis,
     validate_distribution,

@@ -1,0 +1,254 @@
+"""Both passes' sparse cross-entropy and their symmetric KL, in one chunked pass.
+
+A language model's R-Drop step evaluates, on logits of shape
+`(batch, length, vocabulary)`, three things: the cross-entropy of each pass
+and the symmetric KL between them. Each backend's cross-entropy keeps a
+logits-sized tensor per pass for its backward pass (the log-probabilities on
+torch, the softmax gradient on TensorFlow, a one-hot target on JAX).
+`cross_entropy_and_symmetric_kl` computes all three per position, chunk by
+chunk, with a closed-form gradient, so that besides the logits and their
+gradients nothing of the logits' size is created.
+
+`FusedLanguageModelLoss` is RDropModel's language-model loss path: it
+applies when the compiled loss is a single Keras
+`SparseCategoricalCrossentropy(from_logits=True)`, and reduces the
+per-position values with Keras' own loss reduction (sample weights, masks,
+`ignore_class`, `reduction`), so the loss is the one Keras would compute.
+See `fusable_loss` and `FusedLanguageModelLoss.applies` for the exact
+conditions.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import keras
+from keras import ops
+
+from keras_rdrop.src.chunked_gradients import (
+    chunked_pair_op,
+    kl_of_log_probs,
+    kl_of_logits_grad_terms,
+)
+from keras_rdrop.src.consistency_terms import (
+    PairwiseTerm,
+    copy_sample_weight,
+    position_weights,
+)
+from keras_rdrop.src.divergences import as_float
+from keras_rdrop.src.keras_internals import get_keras_mask, set_keras_mask
+from keras_rdrop.src.output_plan import loss_config, loss_setting
+from keras_rdrop.src.prediction_checks import check_values
+
+
+def fusable_loss(loss, y_pred) -> bool:
+    """Whether `loss` on `y_pred` can be computed by the fused pass.
+
+    That is: `loss` is exactly `keras.losses.SparseCategoricalCrossentropy`
+    with `from_logits=True`, class axis last, dtype float32, and `y_pred` is
+    one tensor of static class size above 1. Anything else (subclasses,
+    probabilities, several outputs) goes through Keras' own loss.
+    """
+    if type(loss) is not keras.losses.SparseCategoricalCrossentropy:
+        return False
+    if loss_setting(loss, "from_logits") is not True or loss.dtype != "float32":
+        return False
+    if loss_setting(loss, "label_smoothing", 0.0):
+        return False
+    if not hasattr(y_pred, "shape") or len(y_pred.shape) < 2:
+        return False
+    axis = loss_setting(loss, "axis", -1)
+    if axis not in (-1, len(y_pred.shape) - 1):
+        return False
+    num_classes = y_pred.shape[-1]
+    return num_classes is not None and num_classes > 1
+
+
+class ReducedLike(keras.losses.Loss):
+    """Reduces precomputed per-position loss values as `loss` would.
+
+    Calling it with `(y_true, values, sample_weight)` applies Keras' own
+    masking and reduction (`keras.losses.Loss.__call__`) with the reduction,
+    dtype and name of `loss`; `values` carries the mask to apply as its Keras
+    mask.
+    """
+
+    def __init__(self, loss: keras.losses.Loss):
+        config = loss_config(loss)
+        super().__init__(
+            name=config.get("name", loss.name),
+            reduction=loss_setting(loss, "reduction", "sum_over_batch_size"),
+            dtype=loss.dtype,
+        )
+
+    def call(self, y_true, y_pred):
+        return y_pred
+
+
+def sparse_labels(y_true, y_pred):
+    """`y_true` as int32 labels of shape `y_pred.shape[:-1]`, as Keras reads them.
+
+    Returns `None` if the shapes do not fit (Keras' loss then reports it).
+    """
+    y_true = ops.convert_to_tensor(y_true)
+    rank = len(y_pred.shape)
+    if len(y_true.shape) == rank and y_true.shape[-1] == 1:
+        y_true = ops.squeeze(y_true, axis=-1)
+    if len(y_true.shape) != rank - 1:
+        return None
+    # Keras' loss reads labels through its float32 dtype; vocabulary ids
+    # below 2**24 are exact either way.
+    return ops.cast(y_true, "int32")
+
+
+def cross_entropy_and_symmetric_kl(a, b, labels):
+    """Per position: `CE(labels, a)`, `CE(labels, b)` and `SKL(a, b)`.
+
+    Args:
+        a: Logits of the first pass, class axis last, any float dtype.
+        b: Logits of the second pass, the same shape.
+        labels: int32 class ids, the shape of `a` without its last axis. They
+            must be valid class ids (map an `ignore_class` to 0 first).
+
+    Returns:
+        A float32 tensor of shape `(3,) + a.shape[:-1]`: the sparse
+        cross-entropy of each pass (`-log softmax(x)[label]`) and the
+        symmetric KL `(KL(p||q) + KL(q||p)) / 2` between them. Its gradient
+        with respect to `a` and `b` is computed in closed form, chunk by
+        chunk; `labels` get none.
+
+    Example:
+
+    >>> import numpy as np
+    >>> a = np.array([[2.0, 0.5, -1.0]], "float32")
+    >>> b = np.array([[1.0, 1.0, 0.0]], "float32")
+    >>> out = cross_entropy_and_symmetric_kl(a, b, np.array([0], "int32"))
+    >>> tuple(out.shape)
+    (3, 1)
+    """
+    a = as_float(a, "a")
+    b = as_float(b, "b")
+    axis = len(a.shape) - 1
+    num_classes = a.shape[-1]
+
+    def log_probs(a, b):
+        a, b = ops.cast(a, "float32"), ops.cast(b, "float32")
+        return ops.log_softmax(a, axis=-1), ops.log_softmax(b, axis=-1)
+
+    def value_chunk(a, b, labels):
+        log_p, log_q = log_probs(a, b)
+        index = ops.expand_dims(labels, -1)
+        ce_a = -ops.take_along_axis(log_p, index, axis=-1)[..., 0]
+        ce_b = -ops.take_along_axis(log_q, index, axis=-1)[..., 0]
+        skl = kl_of_log_probs(log_p, log_q, -1, symmetric=True)
+        return ops.stack([ce_a, ce_b, skl])
+
+    def grads_chunk(a, b, labels, upstream):
+        dtype_a, dtype_b = a.dtype, b.dtype
+        log_p, log_q = log_probs(a, b)
+        p, q = ops.exp(log_p), ops.exp(log_q)
+        kl_a, kl_b = kl_of_logits_grad_terms(log_p, log_q, p, q, -1, symmetric=True)
+        one_hot = ops.one_hot(labels, num_classes, dtype="float32")
+        up_a, up_b, up_kl = (ops.expand_dims(upstream[i], -1) for i in range(3))
+        # dCE/da = softmax(a) - one_hot(label).
+        grad_a = up_a * (p - one_hot) + up_kl * kl_a
+        grad_b = up_b * (q - one_hot) + up_kl * kl_b
+        return ops.cast(grad_a, dtype_a), ops.cast(grad_b, dtype_b)
+
+    def out_axis(chunk_axis):
+        return chunk_axis + 1  # the value has a leading axis of 3
+
+    return chunked_pair_op(a, b, axis, value_chunk, grads_chunk, out_axis, extra=labels)
+
+
+def additional_loss(loss):
+    """One `model.losses` entry summed, as Keras' `compute_loss` adds it."""
+    if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(loss.dtype)):
+        loss = ops.cast(loss, keras.backend.floatx())
+    return ops.sum(loss)
+
+
+class FusedLanguageModelLoss:
+    """The language-model path: both task losses and the KL in one chunked pass.
+
+    `applies` says whether the path can compute a step's loss: one output,
+    R-Drop on for it, the compiled loss exactly
+    `SparseCategoricalCrossentropy(from_logits=True)` (`fusable_loss`), a
+    float `loss_weights` or none, and sparse labels of the right shape.
+    `compute` returns the same values as the general path (Keras'
+    cross-entropy of each pass plus the chunked KL), reduced by Keras' own
+    loss reduction, without the general path's logits-sized intermediates.
+    """
+
+    def applies(self, plan, loss, loss_weights, y, y_pred_1, y_pred_2, sample_weight):
+        """Whether this path computes the step; see the class docstring."""
+        nested = keras.tree.is_nested
+        if y_pred_2 is None or nested(y_pred_1) or nested(y) or nested(sample_weight):
+            return False
+        if isinstance(loss_weights, bool) or not (
+            loss_weights is None or isinstance(loss_weights, numbers.Real)
+        ):
+            return False
+        if not fusable_loss(loss, y_pred_1):
+            return False
+        (entry,) = plan
+        term = entry.term
+        if entry.alpha == 0 or term is None or term.kind != "distribution":
+            return False
+        if term.from_logits is not True or term.distribution != "auto":
+            return False
+        return sparse_labels(y, y_pred_1) is not None
+
+    def compute(
+        self, plan, loss, loss_weights, losses, y, y_pred_1, y_pred_2, sample_weight
+    ):
+        """`(task_loss, {"weighted": ..., "unweighted": ...})` for the step.
+
+        Args:
+            plan: The one-output plan (`applies` returned True for it).
+            loss: The compiled `SparseCategoricalCrossentropy`.
+            loss_weights: The float `loss_weights` given to `compile`, or
+                `None`.
+            losses: The model's additional losses (`model.losses`).
+            y: Sparse labels.
+            y_pred_1: Logits of the first pass.
+            y_pred_2: Logits of the second pass.
+            sample_weight: The step's `sample_weight`, or `None`.
+        """
+        (entry,) = plan
+        labels = sparse_labels(y, y_pred_1)
+        check_values(y_pred_1, True, "categorical", -1, "y_pred")
+        ignore_class = loss_setting(loss, "ignore_class")
+        valid = None
+        if ignore_class is not None:
+            valid = ops.not_equal(labels, ignore_class)
+            labels = ops.where(valid, labels, ops.zeros_like(labels))
+        values = cross_entropy_and_symmetric_kl(y_pred_1, y_pred_2, labels)
+        reduce = ReducedLike(loss)
+        task_losses = []
+        for i, y_pred in enumerate((y_pred_1, y_pred_2)):
+            values_i = values[i]
+            mask = get_keras_mask(y_pred)
+            if valid is not None:
+                values_i = ops.where(valid, values_i, ops.zeros_like(values_i))
+                mask = valid if mask is None else ops.logical_and(mask, valid)
+            if mask is not None:
+                set_keras_mask(values_i, mask)
+            value = ops.cast(
+                reduce(y, values_i, copy_sample_weight(sample_weight)),
+                keras.backend.floatx(),
+            )
+            if loss_weights is not None:
+                value = ops.multiply(value, loss_weights)
+            task_losses.append(value)
+        task_loss = 0.5 * (task_losses[0] + task_losses[1])
+        for extra in losses:
+            task_loss = task_loss + additional_loss(extra)
+        # The KL is reduced as `PairwiseTerm` reduces it on the general path.
+        skl = values[2]
+        mask = get_keras_mask(y_pred_2)
+        if mask is not None:
+            set_keras_mask(skl, mask)
+        weights = position_weights(copy_sample_weight(sample_weight), y_pred_1)
+        kl = ReducedLike(PairwiseTerm("symmetric_kl"))(y_pred_1, skl, weights)
+        return task_loss, {"weighted": entry.alpha * kl, "unweighted": kl}

@@ -1,0 +1,82 @@
+"""The one door to private Keras: every access keras-rdrop cannot avoid.
+
+keras-rdrop otherwise uses only public `keras` and `keras.ops`. Each access
+below is one small function, and `tests/test_keras_internals.py` checks each
+against the installed Keras, so a Keras release that moves one fails a named
+test instead of silently changing behaviour.
+
+- `get_keras_mask`, `set_keras_mask`: `keras.src.backend`'s mask helpers. The
+  concatenated mode splits an output in two and must carry its Keras mask to
+  each half; Keras exports no mask getter or setter.
+- `flatten_layers`: `Layer._flatten_layers`. Every layer nested in any model
+  (subclassed ones included), to find stochastic layers.
+- `output_layer`: `KerasTensor._keras_history`. The layer that produced a
+  functional model's output, to read its activation.
+- `variable_layout`, `set_variable_layout`: `Variable._layout`. Lays the
+  reference snapshot out like the weight it copies under
+  `keras.distribution` (JAX); `add_weight` takes no layout.
+- `loss_function_kwargs`: `LossFunctionWrapper._fn_kwargs`. The settings a
+  Keras loss passes to its function; read only for a setting that the
+  loss's `get_config()` leaves out (Keras 3.15's
+  `SparseCategoricalCrossentropy` omits `axis`).
+- `reset_train_function`: `Model.train_function = None`. Makes Keras trace the
+  training step again after the anchor's settings change.
+"""
+
+from __future__ import annotations
+
+import keras
+
+try:  # Keras >= 3.6
+    from keras.src.backend import get_keras_mask as _get_keras_mask
+    from keras.src.backend import set_keras_mask as _set_keras_mask
+except ImportError:  # pragma: no cover - depends on the Keras version
+    _get_keras_mask = _set_keras_mask = None
+
+
+def get_keras_mask(x):
+    """The Keras mask that `x` carries (`Embedding(mask_zero=True)`), or `None`."""
+    if _get_keras_mask is None:  # pragma: no cover
+        return getattr(x, "_keras_mask", None)
+    return _get_keras_mask(x)
+
+
+def set_keras_mask(x, mask) -> None:
+    """Attaches `mask` to `x` as its Keras mask, as Keras' layers do."""
+    if _set_keras_mask is None:  # pragma: no cover
+        x._keras_mask = mask
+        return
+    _set_keras_mask(x, mask)
+
+
+def flatten_layers(model: keras.layers.Layer) -> list:
+    """`model` and every layer nested in it, at any depth."""
+    return list(model._flatten_layers(include_self=True))
+
+
+def output_layer(tensor):
+    """The layer whose call produced the symbolic `tensor`, or `None`."""
+    history = getattr(tensor, "_keras_history", None)
+    return getattr(history, "operation", None)
+
+
+def variable_layout(variable):
+    """The `keras.distribution` layout `variable` was created with, or `None`."""
+    return getattr(variable, "_layout", None)
+
+
+def set_variable_layout(variable, layout) -> None:
+    """Gives `variable` a new layout; its value is re-distributed on assign."""
+    variable._layout = layout
+    variable.assign(variable.value)
+
+
+def loss_function_kwargs(loss) -> dict:
+    """The keyword arguments a `LossFunctionWrapper` passes to its function."""
+    kwargs = getattr(loss, "_fn_kwargs", None)
+    return dict(kwargs) if isinstance(kwargs, dict) else {}
+
+
+def reset_train_function(model: keras.Model) -> None:
+    """Makes the next `fit` trace its training step afresh."""
+    model.train_function = None
