@@ -32,7 +32,9 @@ def chunks(shape, axis: int):
     """
     rank = len(shape)
     axis %= rank
-    total = math.prod(size or 1 for size in shape)
+    total = 1
+    for size in shape:  # not `math.prod` of a generator: torch.compile breaks
+        total *= size or 1
     count = min(math.ceil(total / CHUNK_ELEMENTS), MAX_CHUNKS)
     candidates = [(size, i) for i, size in enumerate(shape) if i != axis and size]
     if count <= 1 or not candidates:

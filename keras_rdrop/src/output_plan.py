@@ -25,6 +25,7 @@ from keras_rdrop.src.keras_internals import loss_function_kwargs
 from keras_rdrop.src.prediction_checks import (
     check_output_activation,
     output_activations,
+    values_readable,
 )
 
 _CATEGORICAL = (
@@ -269,9 +270,12 @@ def build_plan(
 class PlanCache:
     """The plan of each output structure, built once for a model.
 
-    The key is everything the plan depends on besides the compiled loss
-    object: the output structure and RDropModel's settings. `clear()` (on
-    `compile`) forgets every plan.
+    The key is everything the plan depends on: the compiled loss, the output
+    structure and RDropModel's settings. `clear()` (on `compile`) forgets
+    every plan. A step being traced (`jit`, `tf.function`,
+    `torch.compile`) builds its plan afresh, once per trace, and leaves the
+    cache alone: under `torch.compile` a lookup in a dict that the first
+    trace then fills would fail the compiled step's guards and recompile it.
     """
 
     def __init__(self):
@@ -283,14 +287,19 @@ class PlanCache:
     def get(self, model, y_pred) -> tuple[OutputEntry, ...]:
         """The plan of `model` (an RDropModel) for outputs shaped like `y_pred`."""
         inner = model.model
+        traced = not values_readable(keras.tree.flatten(y_pred)[0])
         key = (
-            id(model.loss),
-            str(keras.tree.map_structure(lambda _: 0, y_pred)),
-            repr(model.alpha),
-            repr(model.from_logits),
-            model.regression_consistency,
+            None
+            if traced
+            else (
+                id(model.loss),
+                str(keras.tree.map_structure(lambda _: 0, y_pred)),
+                repr(model.alpha),
+                repr(model.from_logits),
+                model.regression_consistency,
+            )
         )
-        plan = self._plans.get(key)
+        plan = None if traced else self._plans.get(key)
         if plan is None:
             plan = build_plan(
                 model.loss,
@@ -301,5 +310,6 @@ class PlanCache:
                 model.regression_consistency,
                 output_activations(inner),
             )
-            self._plans[key] = plan
+            if not traced:
+                self._plans[key] = plan
         return plan

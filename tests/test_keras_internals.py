@@ -1,0 +1,148 @@
+"""One test per private Keras access (`keras_rdrop/src/keras_internals.py`).
+
+Each test fails, naming the access, when the installed Keras changes it: a
+Keras release that moves one of them breaks here first, not silently in a
+training step. The loss settings keras-rdrop reads through `get_config()`
+are tested here too, for every setting it reads.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_rdrop import RDropModel
+from keras_rdrop.src import keras_internals
+from keras_rdrop.src.fused_cross_entropy import fusable_loss
+from keras_rdrop.src.output_plan import describe_loss, loss_setting
+from tests.testing import assert_allclose, to_numpy
+
+
+def test_get_and_set_keras_mask_are_what_keras_losses_read():
+    tokens = np.array([[3, 1, 0, 0]], "int32")
+    embedded = keras.layers.Embedding(5, 2, mask_zero=True)(tokens)
+    mask = keras_internals.get_keras_mask(embedded)
+    assert mask is not None, "Keras no longer attaches the mask via get_keras_mask"
+    np.testing.assert_array_equal(to_numpy(mask), [[True, True, False, False]])
+    # A mask set with `set_keras_mask` is the one Keras' losses honour.
+    logits = keras.ops.convert_to_tensor(np.zeros((1, 4, 3), "float32"))
+    logits = logits + keras.ops.convert_to_tensor(np.array([0.0, 0.0, 5.0], "float32"))
+    keras_internals.set_keras_mask(
+        logits, keras.ops.convert_to_tensor(np.array([[True, False, False, False]]))
+    )
+    loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="mean_with_sample_weight"
+    )
+    value = loss(np.array([[2, 0, 0, 0]]), logits)
+    expected = -np.log(np.exp(5.0) / (2 + np.exp(5.0)))
+    assert_allclose(value, expected, rtol=1e-5)
+
+
+def test_flatten_layers_reaches_nested_layers():
+    dropout = keras.layers.Dropout(0.2)
+    inner = keras.Sequential([keras.Input((3,)), dropout, keras.layers.Dense(2)])
+    outer = keras.Sequential([keras.Input((3,)), inner])
+    layers = keras_internals.flatten_layers(outer)
+    assert layers[0] is outer
+    assert any(layer is dropout for layer in layers)
+
+
+def test_output_layer_of_a_functional_output():
+    inputs = keras.Input((3,))
+    head = keras.layers.Dense(2, activation="softmax")
+    model = keras.Model(inputs, head(inputs))
+    assert keras_internals.output_layer(model.outputs[0]) is head
+    assert keras_internals.output_layer(np.zeros(2)) is None
+
+
+def test_variable_layout_is_read_and_set():
+    variable = keras.Variable(np.ones((2, 2), "float32"))
+    assert hasattr(variable, "_layout"), "keras.Variable no longer has `_layout`"
+    assert keras_internals.variable_layout(variable) is None
+    keras_internals.set_variable_layout(variable, None)
+    assert_allclose(variable, np.ones((2, 2)))
+
+
+def test_loss_function_kwargs_of_a_keras_loss():
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, axis=1)
+    kwargs = keras_internals.loss_function_kwargs(loss)
+    assert kwargs.get("axis") == 1 and kwargs.get("from_logits") is True
+    assert keras_internals.loss_function_kwargs(object()) == {}
+
+
+def test_reset_train_function_makes_fit_trace_again():
+    model = RDropModel(
+        keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dropout(0.2), keras.layers.Dense(2)]
+        )
+    )
+    model.compile(
+        optimizer="sgd",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    x, y = np.ones((4, 3), "float32"), np.array([0, 1, 0, 1])
+    model.fit(x, y, epochs=1, verbose=0)
+    first = model.train_function
+    assert first is not None
+    keras_internals.reset_train_function(model)
+    assert model.train_function is None
+    model.fit(x, y, epochs=1, verbose=0)
+    assert model.train_function is not None and model.train_function is not first
+
+
+@pytest.mark.parametrize(
+    "loss, setting, expected",
+    [
+        (
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            "from_logits",
+            True,
+        ),
+        (keras.losses.SparseCategoricalCrossentropy(ignore_class=7), "ignore_class", 7),
+        (keras.losses.SparseCategoricalCrossentropy(axis=1), "axis", 1),
+        (
+            keras.losses.SparseCategoricalCrossentropy(reduction="sum"),
+            "reduction",
+            "sum",
+        ),
+        (
+            keras.losses.CategoricalCrossentropy(label_smoothing=0.1),
+            "label_smoothing",
+            0.1,
+        ),
+        (keras.losses.BinaryCrossentropy(from_logits=True), "from_logits", True),
+        (keras.losses.BinaryFocalCrossentropy(), "from_logits", False),
+        (
+            keras.losses.CategoricalFocalCrossentropy(from_logits=True),
+            "from_logits",
+            True,
+        ),
+    ],
+)
+def test_loss_settings_are_read(loss, setting, expected):
+    assert loss_setting(loss, setting) == expected
+
+
+def test_sparse_categorical_settings_come_from_the_config_where_keras_has_them():
+    # Keras 3.16 keeps `axis` and `label_smoothing` in the config of
+    # `SparseCategoricalCrossentropy`; 3.15 leaves `axis` out, and then the
+    # function's arguments are read (`loss_function_kwargs`).
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, axis=1)
+    config = loss.get_config()
+    assert config["from_logits"] is True and "ignore_class" in config
+    version = tuple(int(v) for v in keras.__version__.split(".")[:2])
+    if version >= (3, 16):
+        assert config["axis"] == 1
+    assert describe_loss(loss).from_logits is True
+
+
+def test_the_fused_path_recognises_the_language_model_loss():
+    # If a Keras release changes how the loss reports its settings, the
+    # fused language-model path would silently stop being taken: this and
+    # test_fused_cross_entropy's spies fail instead.
+    logits = keras.ops.zeros((2, 3, 5))
+    assert fusable_loss(
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True), logits
+    )
+    assert not fusable_loss(
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True, axis=1), logits
+    )
