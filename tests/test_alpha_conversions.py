@@ -37,17 +37,21 @@ class FixedPasses(keras.layers.Layer):
     `second[i]`, exactly: a one-hot row times the table. Outside training, one
     pass: `first`. `noise`, from a Dropout layer, enters as `0 * sum(noise)`:
     it declares a stochastic layer (so RDropModel does not warn that the KL
-    would always be 0) and changes no value.
+    would always be 0) and changes no value. `scale`, a trainable weight fixed
+    at 1 (the tests train with learning rate 0), gives the step something to
+    train, as Keras' torch trainer warns without one.
     """
 
     def __init__(self, first, second, **kwargs):
         super().__init__(**kwargs)
         self.first = np.asarray(first, "float32")
         self.second = np.asarray(second, "float32")
+        self.scale = self.add_weight(shape=(), initializer="ones", name="scale")
 
     def call(self, inputs, training=None):
         rows, noise = inputs
         zero = 0.0 * ops.sum(noise)
+        rows = rows * self.scale
         first = ops.convert_to_tensor(self.first)
         if not training:
             return ops.tensordot(rows, first, axes=1) + zero
