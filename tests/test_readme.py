@@ -1,0 +1,113 @@
+"""Every ```python block of README.md runs as written on the current backend.
+
+Each block runs in its own Python process, in a temporary directory (so the
+files it saves do not litter the tree), with this checkout's `keras_rdrop`
+first on the path, `KERAS_BACKEND` inherited from the test run and the
+warning filters of `pyproject.toml` (warnings are errors). A `print(...)` line
+followed by a comment `# -> text` (on the same line or the next) must print
+exactly `text`; a block that prints anything else, or raises, fails.
+"""
+
+import ast
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import keras
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+# Applies pyproject's `filterwarnings` (pytest's "action:message:category:module"
+# form) in the child process, then runs the block as `__main__`.
+RUNNER = """
+import builtins, runpy, sys, tomllib, warnings
+with open(sys.argv[1], "rb") as f:
+    config = tomllib.load(f)
+for spec in config["tool"]["pytest"]["ini_options"]["filterwarnings"]:
+    action, *rest = spec.split(":")
+    message, category, module = (rest + ["", "", ""])[:3]
+    category = getattr(builtins, category) if category else Warning
+    warnings.filterwarnings(action, message, category, module)
+runpy.run_path(sys.argv[2], run_name="__main__")
+"""
+
+
+def python_blocks(text):
+    """`(first line number, code)` of each ```python fenced block."""
+    blocks = []
+    for match in re.finditer(r"^```python\n(.*?)^```", text, re.S | re.M):
+        line = text.count("\n", 0, match.start()) + 2
+        blocks.append((line, match.group(1)))
+    return blocks
+
+
+def expected_output(code):
+    """The `# -> text` annotations of a block, in order."""
+    return [m.group(1).rstrip() for m in re.finditer(r"#\s*->\s?(.*)$", code, re.M)]
+
+
+BLOCKS = python_blocks(README.read_text(encoding="utf-8"))
+
+
+def test_readme_has_the_runnable_blocks():
+    # The Usage, divergences and keras-hub examples; a regex that stopped
+    # matching would otherwise make this file pass by running nothing.
+    assert len(BLOCKS) >= 3
+    assert any("RDropModel(inner" in code for _, code in BLOCKS)
+    assert any("symmetric_kl_divergence(p, q" in code for _, code in BLOCKS)
+    assert all("KERAS_BACKEND" in code for _, code in BLOCKS)
+    assert sum(len(expected_output(code)) for _, code in BLOCKS) >= 4
+
+
+def test_python_blocks_parse_without_stubs():
+    # `...` as a value ("loss=..., metrics=[...]") is what broke the README
+    # before: it compiles, then fails inside Keras.
+    for line, code in BLOCKS:
+        tree = ast.parse(code, f"README.md:{line}")
+        stubs = [
+            node.lineno
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and node.value is Ellipsis
+        ]
+        assert not stubs, f"`...` in the README.md block at line {line}: {stubs}"
+
+
+def test_expected_output_parser():
+    code = "print(1)  # -> 1\nprint(sorted(d))\n# -> ['a', 'b']\nx = 2  # not output\n"
+    assert expected_output(code) == ["1", "['a', 'b']"]
+
+
+@pytest.mark.parametrize(
+    "line, code", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS]
+)
+def test_readme_block_runs(line, code, tmp_path):
+    if re.search(r"^import keras_hub", code, re.M):
+        pytest.importorskip("keras_hub", reason="this README block needs keras-hub")
+    script = tmp_path / f"readme_line_{line}.py"
+    script.write_text(code, encoding="utf-8")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    env["KERAS_BACKEND"] = keras.backend.backend()
+    result = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(ROOT / "pyproject.toml"), str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, (
+        f"README.md block at line {line} failed on {keras.backend.backend()}:\n"
+        f"{result.stderr[-4000:]}"
+    )
+    printed = [printed_line.rstrip() for printed_line in result.stdout.splitlines()]
+    assert printed == expected_output(code), (
+        f"README.md block at line {line} printed {printed}, "
+        f"its `# ->` comments say {expected_output(code)}"
+    )
