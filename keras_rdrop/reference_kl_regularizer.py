@@ -224,11 +224,16 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
         # strategy (mirrored like its weights), not on one device.
         strategy = getattr(model, "distribute_strategy", None)
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
-            if self.reset_reference or not reference.built:
+            if reference.positions is None:
                 reference.take(model.model, dtype=self.reference_dtype)
             else:
                 reference.check_matches(model.model)
                 reference.match_layouts(model.model)
+                # Layers unfrozen since the snapshot was taken: copy them now,
+                # while they still hold θ0.
+                reference.extend(model.model, dtype=self.reference_dtype)
+                if self.reset_reference:
+                    reference.refresh(model.model)
         reference.settings = ReferenceSettings(
             direction=self.direction, target_kl=self.target_kl, horizon=self.horizon
         )
@@ -240,6 +245,24 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._step = _iterations(self.model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # The snapshot can only grow between `fit` calls (`set_model`): the
+        # training step's state is fixed while `fit` runs.
+        model = self.model
+        missing = model.reference.missing(model.model)
+        if missing:
+            names = ", ".join(repr(w.path) for w in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise RuntimeError(
+                f"The weights {names}{more} became trainable during `fit`, after "
+                "the reference snapshot was taken without them: the anchor would "
+                "follow their new values instead of θ0. Change which layers are "
+                "trainable between `fit` calls (then compile again): "
+                "`ReferenceKLRegularizer` then adds them to the snapshot with "
+                "their values at that point, which are still θ0 if they were "
+                "frozen until then."
+            )
 
     def on_train_end(self, logs=None):
         model = self.model
@@ -267,7 +290,7 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
         self._step += 1
         if self.refresh_every_steps and self._step % self.refresh_every_steps == 0:
             model = self.model
-            model.reference.take(model.model)
+            model.reference.refresh(model.model)
         if self.soft_update_every and self._step % self.soft_update_every == 0:
             model = self.model
             model.reference.soft_update(model.model, self.soft_update_tau)
@@ -275,7 +298,7 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.refresh_every_epochs and (epoch + 1) % self.refresh_every_epochs == 0:
             model = self.model
-            model.reference.take(model.model)
+            model.reference.refresh(model.model)
 
     def get_config(self) -> dict:
         if callable(self.beta):
