@@ -155,6 +155,7 @@ class ReferenceSnapshot(keras.layers.Layer):
         self._value_map = None
         self.positions: list[int] | None = None
         self.ref_weights = []
+        self._load_error = None
 
     @property
     def active(self) -> bool:
@@ -310,8 +311,17 @@ class ReferenceSnapshot(keras.layers.Layer):
     def load_own_variables(self, store):
         keys = set(store.keys())
         copies = len(keys - {_POSITIONS_KEY}) - 1  # "0" is beta
-        if copies < 0:
-            return  # saved before any snapshot was taken
+        if copies < 0:  # nothing stored for the snapshot
+            if self.positions is None:
+                return
+            # A failure, as in Keras' own check. Keras then tries the other
+            # places the layer may be stored under and reports the last
+            # error: repeat a mismatch found at the first place, if any.
+            error, self._load_error = self._load_error, None
+            raise error or ValueError(
+                f"Layer {self.name!r} holds a reference snapshot of "
+                f"{len(self.ref_weights)} weights, but the file has none for it."
+            )
         if _POSITIONS_KEY in keys:
             positions = [int(p) for p in np.asarray(store[_POSITIONS_KEY])]
         else:
@@ -325,7 +335,7 @@ class ReferenceSnapshot(keras.layers.Layer):
             specs = [(values[p].shape, str(values[p].dtype)) for p in positions]
             self._allocate(positions, specs)
         elif sorted(positions) != sorted(self.positions):
-            raise ValueError(
+            self._load_error = ValueError(
                 "The reference snapshot in the file copies the float weights at "
                 f"positions {sorted(positions)} of the model, but this model's "
                 f"snapshot copies {sorted(self.positions)}: the weights that are "
@@ -341,6 +351,8 @@ class ReferenceSnapshot(keras.layers.Layer):
                     "which restores it as a full snapshot."
                 )
             )
+            raise self._load_error
+        self._load_error = None
         self.beta.assign(store["0"])
         for p, ref in zip(self.positions, self.ref_weights):
             ref.assign(values[p])
