@@ -171,12 +171,14 @@ def test_lora_causal_lm_anchor_copies_only_the_lora_weights():
         return int(sum(np.prod(v.shape) for v in variables))
 
     trainable = lm.trainable_weights
-    assert trainable and all("lora" in w.path for w in trainable)
+    # LoRA factors and the biases of the LoRA layers (query and value).
+    assert any("lora" in w.path for w in trainable)
+    assert {w.path.split("/")[-2] for w in trainable} == {"query", "value"}
     copied = [w for w, _ in model.reference.copies(lm)]
     assert sorted(w.path for w in copied) == sorted(w.path for w in trainable)
     extra = count(model.weights) - count(lm.weights)
     assert extra == count(trainable) + 1  # + beta
-    assert extra < count(lm.weights) / 20
+    assert extra < count(lm.weights) / 10
 
     # The reference's logits, as the training step computes them, are θ0's.
     values = model.reference._reference_values(lm)
