@@ -5,7 +5,7 @@ the extra values the `RDropModel` holds beyond its inner model (the snapshot
 and `beta`) once `ReferenceKLRegularizer` has taken the snapshot. Uses only
 the public API, so the same script measures any commit:
 
-    KERAS_BACKEND=jax python benchmarks/anchor_memory.py [--big]
+    PYTHONPATH=. KERAS_BACKEND=jax python benchmarks/anchor_memory.py [--big]
 
 `--big` adds a GPT-2 base-sized model built from config (124M weights; the
 snapshot is taken without training it).
@@ -17,6 +17,7 @@ import keras
 import keras_hub
 import numpy as np
 
+import keras_rdrop
 from keras_rdrop import RDropModel, ReferenceKLRegularizer
 
 
@@ -80,6 +81,7 @@ def main():
     builds = [tiny_gpt2_lora, frozen_body_mlp]
     if parser.parse_args().big:
         builds.append(gpt2_base_lora)
+    print(f"keras_rdrop from {keras_rdrop.__file__}, backend {keras.backend.backend()}")
     for build in builds:
         keras.utils.set_random_seed(0)
         inner, x, y = build()
