@@ -33,8 +33,11 @@ def _iterations(model) -> int:
 class ReferenceKLRegularizer(keras.callbacks.Callback):
     """Adds `beta * KL(model || reference)` to the loss of an `RDropModel`.
 
-    When training starts, the callback copies the inner model's weights into a
-    frozen snapshot θ0 (non-trainable state of the `RDropModel`). In every
+    When training starts, the callback copies the inner model's weights that
+    training can change (the trainable ones, and state such as the moving
+    statistics of trainable BatchNormalization layers) into a frozen snapshot
+    θ0, non-trainable state of the `RDropModel`; frozen weights are read from
+    the live model, where they keep their θ0 values. In every
     training step it runs the snapshot on the same batch, in inference mode
     (dropout off, BatchNormalization on its moving statistics, nothing in the
     live model updated, no gradient), and adds the penalty:
@@ -60,8 +63,11 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
       from the reference.
     - `"symmetric"`: the mean of both.
 
-    Cost: one copy of the weights (half with `reference_dtype="bfloat16"`) and
-    one inference forward pass per step.
+    Cost: one copy of the weights that training changes (half with
+    `reference_dtype="bfloat16"`), so a LoRA or frozen-backbone model holds a
+    copy of its small trainable part only, and one inference forward pass per
+    step. Layers unfrozen between `fit` calls are added to the snapshot when
+    the next `fit` starts; unfreezing one during `fit` is an error.
 
     The snapshot is taken once per `RDropModel` and kept across `fit` calls,
     `.keras` saves and `BackupAndRestore` resumes: a resumed run is anchored
