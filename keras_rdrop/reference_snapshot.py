@@ -165,8 +165,10 @@ class ReferenceSnapshot(keras.layers.Layer):
         """Creates `beta` and one copy per `(shape, dtype)` in `weight_specs`.
 
         Kept for callers of the former full-snapshot API: the copies are of
-        the first `len(weight_specs)` float weights, in order. `take` builds
-        the snapshot itself.
+        the first `len(weight_specs)` float weights, in order. Keras locks a
+        layer's state after `build`, so a snapshot built this way cannot be
+        extended later: `take`, `extend` and `load_own_variables` call
+        `_allocate` instead.
         """
         specs = list(weight_specs or [])
         self._allocate(list(range(len(specs))), specs, layouts)
