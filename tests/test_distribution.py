@@ -132,6 +132,24 @@ def test_jax_model_parallel_moving_bfloat16_snapshot(jax_results):
 
 
 @pytest.mark.jax
+def test_jax_model_parallel_partial_snapshot(jax_results):
+    """The head is frozen: the snapshot copies only the sharded layer, laid
+    out like it, and the run matches the one-device run."""
+    single = jax_results["partial_single"]
+    result = jax_results["partial_model_parallel"]
+    assert_same_history(result["history"], single["history"])
+    assert result["weights_vs_single"] < WEIGHT_ATOL
+    assert [path.split("/")[-2:] for path in result["copied"]] == [
+        ["big", "bias"],
+        ["big", "kernel"],
+    ]
+    assert result["reference_vs_theta0"] == 0.0
+    assert result["uncopied_vs_theta0"] == 0.0  # the frozen head is still θ0
+    assert result["trained_vs_theta0"] > 1e-2
+    assert_laid_out_like_the_model(result["layouts"])
+
+
+@pytest.mark.jax
 def test_jax_model_parallel_loaded_snapshot_is_sharded_when_training_starts(
     jax_results,
 ):
@@ -165,7 +183,7 @@ def assert_matches_one_device(result):
 
 
 @pytest.mark.tensorflow
-@pytest.mark.parametrize("run", ["anchor", "rdrop", "weighted_balanced"])
+@pytest.mark.parametrize("run", ["anchor", "rdrop", "weighted_balanced", "partial"])
 def test_tf_mirrored_strategy_matches_one_device(tf_results, run):
     """Two replicas train like one device on the global batch: the same
     logged losses, weights, snapshot, evaluation loss and beta.
@@ -200,10 +218,12 @@ def test_tf_mirrored_strategy_sample_weights_uneven_across_replicas(tf_results):
 def test_tf_snapshot_is_mirrored_like_the_model(tf_results):
     """Needs the patch: without it, the callback creates the snapshot outside
     the strategy's scope, as plain variables on one device."""
-    for run in ("anchor", "rdrop", "weighted_balanced", "weighted_uneven"):
+    for run in ("anchor", "rdrop", "weighted_balanced", "weighted_uneven", "partial"):
         mirrored = tf_results[run]["mirrored"]
         assert mirrored["weight_class"] == "MirroredVariable"
         assert mirrored["reference_classes"] == ["MirroredVariable"]
+        # Every weight is copied, except the frozen body of the partial run.
+        assert mirrored["copied_count"] == (2 if run == "partial" else 4)
 
 
 # ------------------------------------------------------------------- PyTorch

@@ -32,13 +32,8 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 # Examples known to be broken, by `__qualname__` (module paths are moving), with
 # the reason; they run as strict xfails so that a fix is noticed: remove the
 # entry then. Empty when every example runs.
-BROKEN = {
-    "kl_divergence": (
-        "kl_divergence's docstring doctest expects `0.28...` but KL(p||q) of "
-        "its example is 0.2795... (float64 NumPy: 0.27952277); the docstring "
-        "needs `0.279...`"
-    ),
-}
+# Objects whose example is known to be wrong, with the reason (strict xfail).
+BROKEN: dict[str, str] = {}
 
 
 def package_modules():

@@ -143,3 +143,45 @@ def test_saved_task_round_trip(tmp_path):
         loaded = keras.saving.load_model(path)
     assert isinstance(loaded, RDropModel)
     assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_lora_causal_lm_anchor_copies_only_the_lora_weights():
+    """`backbone.enable_lora` + R-Drop + the anchor, on raw strings: the
+    snapshot holds the LoRA weights alone (the frozen backbone is read from
+    the live model), and the reference is still the model before fine-tuning."""
+    texts = ["airplane at airport", "airplane", " airplane airport", "airport"]
+    lm = causal_lm()
+    lm.backbone.enable_lora(rank=2)
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(lm.preprocess_samples(texts))
+    theta0_logits = to_numpy(lm(x, training=False))
+
+    model = RDropModel(lm, alpha=1.0)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=sparse_ce())
+    history = model.fit(
+        texts * 2,
+        batch_size=4,
+        epochs=3,
+        verbose=0,
+        callbacks=[ReferenceKLRegularizer(beta=0.5)],
+    )
+    assert history.history["kl_loss"][0] > 0
+    assert history.history["ref_kl"][-1] > 0  # the LoRA weights moved
+
+    def count(variables):
+        return int(sum(np.prod(v.shape) for v in variables))
+
+    trainable = lm.trainable_weights
+    # LoRA factors and the biases of the LoRA layers (query and value).
+    assert any("lora" in w.path for w in trainable)
+    assert {w.path.split("/")[-2] for w in trainable} == {"query", "value"}
+    copied = [w for w, _ in model.reference.copies(lm)]
+    assert sorted(w.path for w in copied) == sorted(w.path for w in trainable)
+    extra = count(model.weights) - count(lm.weights)
+    assert extra == count(trainable) + 1  # + beta
+    assert extra < count(lm.weights) / 10
+
+    # The reference's logits, as the training step computes them, are θ0's.
+    values = model.reference._reference_values(lm)
+    reference_logits, _ = lm.stateless_call(*values, x, training=False)
+    assert_allclose(reference_logits, theta0_logits, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(to_numpy(lm(x, training=False)), theta0_logits, atol=1e-3)

@@ -38,8 +38,11 @@ def _iterations(model) -> int:
 class ReferenceKLRegularizer(keras.callbacks.Callback):
     """Adds `beta * KL(model || reference)` to the loss of an `RDropModel`.
 
-    When training starts, the callback copies the inner model's weights into a
-    frozen snapshot θ0 (non-trainable state of the `RDropModel`). In every
+    When training starts, the callback copies the inner model's weights that
+    training can change (the trainable ones, and state such as the moving
+    statistics of trainable BatchNormalization layers) into a frozen snapshot
+    θ0, non-trainable state of the `RDropModel`; frozen weights are read from
+    the live model, where they keep their θ0 values. In every
     training step it runs the snapshot on the same batch, in inference mode
     (dropout off, BatchNormalization on its moving statistics, nothing in the
     live model updated, no gradient), and adds the penalty:
@@ -65,8 +68,11 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
       from the reference.
     - `"symmetric"`: the mean of both.
 
-    Cost: one copy of the weights (half with `reference_dtype="bfloat16"`) and
-    one inference forward pass per step.
+    Cost: one copy of the weights that training changes (half with
+    `reference_dtype="bfloat16"`), so a LoRA or frozen-backbone model holds a
+    copy of its small trainable part only, and one inference forward pass per
+    step. Layers unfrozen between `fit` calls are added to the snapshot when
+    the next `fit` starts; unfreezing one during `fit` is an error.
 
     The snapshot is taken once per `RDropModel` and kept across `fit` calls,
     `.keras` saves and `BackupAndRestore` resumes: a resumed run is anchored
@@ -229,11 +235,16 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
         # strategy (mirrored like its weights), not on one device.
         strategy = getattr(model, "distribute_strategy", None)
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
-            if self.reset_reference or not reference.built:
+            if reference.positions is None:
                 reference.take(model.model, dtype=self.reference_dtype)
             else:
                 reference.check_matches(model.model)
                 reference.match_layouts(model.model)
+                # Layers unfrozen since the snapshot was taken: copy them now,
+                # while they still hold θ0.
+                reference.extend(model.model, dtype=self.reference_dtype)
+                if self.reset_reference:
+                    reference.refresh(model.model)
         reference.settings = ReferenceSettings(
             direction=self.direction, target_kl=self.target_kl, horizon=self.horizon
         )
@@ -245,6 +256,24 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._step = _iterations(self.model)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        # The snapshot can only grow between `fit` calls (`set_model`): the
+        # training step's state is fixed while `fit` runs.
+        model = self.model
+        missing = model.reference.missing(model.model)
+        if missing:
+            names = ", ".join(repr(w.path) for w in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            raise RuntimeError(
+                f"The weights {names}{more} became trainable during `fit`, after "
+                "the reference snapshot was taken without them: the anchor would "
+                "follow their new values instead of θ0. Change which layers are "
+                "trainable between `fit` calls (then compile again): "
+                "`ReferenceKLRegularizer` then adds them to the snapshot with "
+                "their values at that point, which are still θ0 if they were "
+                "frozen until then."
+            )
 
     def on_train_end(self, logs=None):
         model = self.model
@@ -272,7 +301,7 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
         self._step += 1
         if self.refresh_every_steps and self._step % self.refresh_every_steps == 0:
             model = self.model
-            model.reference.take(model.model)
+            model.reference.refresh(model.model)
         if self.soft_update_every and self._step % self.soft_update_every == 0:
             model = self.model
             model.reference.soft_update(model.model, self.soft_update_tau)
@@ -280,7 +309,7 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.refresh_every_epochs and (epoch + 1) % self.refresh_every_epochs == 0:
             model = self.model
-            model.reference.take(model.model)
+            model.reference.refresh(model.model)
 
     def get_config(self) -> dict:
         if callable(self.beta):

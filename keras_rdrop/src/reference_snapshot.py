@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_rdrop.src.consistency_terms import (
@@ -39,16 +40,115 @@ def _is_float(variable) -> bool:
     return keras.backend.is_float_dtype(keras.backend.standardize_dtype(variable.dtype))
 
 
-def snapshot_weights(model: keras.Model) -> list:
-    """The weights a snapshot copies: every float weight of `model`, in order."""
+def float_weights(model: keras.Model) -> list:
+    """Every float weight of `model`, in order: a snapshot indexes this list."""
     return [w for w in model.weights if _is_float(w)]
+
+
+# Snapshot files also store the positions (in `float_weights`) of the weights
+# they copy. Files written before partial snapshots (keras-rdrop up to
+# 751f1f1) lack the key: they copy every float weight, in order.
+_POSITIONS_KEY = "positions"
+
+
+class _Probe(keras.layers.Layer):
+    """Runs a function under `compute_output_spec`: traced, never computed."""
+
+    def __init__(self, fn, **kwargs):
+        super().__init__(**kwargs)
+        self._fn = fn  # a plain function: nothing tracked
+
+    def call(self, inputs):
+        return self._fn(inputs)
+
+
+def _probe_inputs(model: keras.Model):
+    """Symbolic inputs for one training-mode trace of `model`, or `None`.
+
+    Taken from the model's own `keras.Input`s (Functional and Sequential
+    models, keras-hub tasks and backbones). Unknown dimensions become 2: the
+    trace only needs some valid shape (a sequence of 2 fits any position
+    embedding; 1 would make attention softmaxes over one key).
+    """
+    try:
+        inputs = model.inputs[0] if isinstance(model, keras.Sequential) else model.input
+    except (AttributeError, ValueError, IndexError, TypeError):
+        return None  # a subclassed model: no symbolic inputs
+    if inputs is None:
+        return None
+
+    def concrete(tensor):
+        shape = tuple(2 if d is None else d for d in tensor.shape)
+        return keras.KerasTensor(shape, dtype=tensor.dtype)
+
+    return keras.tree.map_structure(concrete, inputs)
+
+
+def updated_in_training(model: keras.Model) -> set | None:
+    """Ids of the variables a training-mode forward pass of `model` assigns.
+
+    The model is traced once, symbolically (no computation, no memory), with
+    `training=True` under a `keras.StatelessScope`, which records every
+    `Variable.assign` instead of applying it. This finds the non-trainable
+    state a training step updates (BatchNormalization's moving statistics,
+    but only in BatchNormalization layers that are trainable: a frozen one
+    runs in inference mode), and nothing that training leaves alone: the
+    frozen base kernel of a LoRA layer (`enable_lora`) is a non-trainable
+    variable of a trainable layer, but no call assigns it. Seed generators
+    are assigned too; they are integer state, never snapshotted.
+
+    Returns `None` when the model has no symbolic inputs to trace it with
+    (a subclassed model).
+    """
+    inputs = _probe_inputs(model)
+    if inputs is None:
+        return None
+    assigned = set()
+
+    def training_call(x):
+        with keras.StatelessScope() as scope:
+            outputs = model(x, training=True)
+        assigned.update(scope.state_mapping)  # keyed by id(variable)
+        return outputs
+
+    _Probe(training_call, name="reference_probe").compute_output_spec(inputs)
+    return assigned
+
+
+def changeable_positions(model: keras.Model) -> list[int]:
+    """Positions in `float_weights(model)` of the weights training can change.
+
+    The rule: a float weight is copied into the snapshot if it is trainable
+    (the optimizer moves it) or if a training-mode forward pass assigns it
+    (`updated_in_training`: moving statistics of trainable
+    BatchNormalization layers, and any other state a layer updates in its
+    `call`, as Keras layers do). Every other float weight is frozen: it keeps
+    its value θ0 while it stays frozen, so the reference reads it from the
+    live model. Trainability flags alone cannot tell these apart: the frozen
+    base kernel of `Dense.enable_lora` is a non-trainable weight of a
+    trainable layer, exactly like a moving mean, but training never changes
+    it. A model that cannot be traced symbolically (a subclassed model, with
+    no `keras.Input`) gets every float weight copied, as before.
+    """
+    weights = float_weights(model)
+    assigned = updated_in_training(model)
+    if assigned is None:
+        return list(range(len(weights)))
+    return [i for i, w in enumerate(weights) if w.trainable or id(w) in assigned]
 
 
 class ReferenceSnapshot(keras.layers.Layer):
     """Holds θ0 as non-trainable variables and computes the reference KL.
 
     Variables, in order: `beta` (the current weight of the penalty), then one
-    copy per float weight of the inner model (`snapshot_weights`).
+    copy per weight that training can change (`changeable_positions`); the
+    positions of the copied weights in `float_weights(model)` are
+    `self.positions`. The other weights of the reference are read from the
+    live model: they are frozen, so they still hold θ0.
+
+    The variables are created by `take` and `extend` (and, on loading, by
+    `load_own_variables`), not by Keras' `build`, so that `extend` can add
+    copies after the first snapshot, when frozen layers become trainable.
     """
 
     def __init__(self, **kwargs):
@@ -56,76 +156,139 @@ class ReferenceSnapshot(keras.layers.Layer):
         self.ref_kl_tracker = keras.metrics.Mean(name="ref_kl")
         self.settings: ReferenceSettings | None = None
         self._value_map = None
+        self.positions: list[int] | None = None
+        self.ref_weights = []
+        self._load_error = None
 
     @property
     def active(self) -> bool:
-        return self.settings is not None and self.built
+        return self.settings is not None and self.positions is not None
 
-    def build(self, weight_specs, layouts=None):
-        """Creates `beta` and one variable per `(shape, dtype)` in `weight_specs`.
+    def build(self, weight_specs=None, layouts=None):
+        """Creates `beta` and one copy per `(shape, dtype)` in `weight_specs`.
+
+        Kept for callers of the former full-snapshot API: the copies are of
+        the first `len(weight_specs)` float weights, in order. Keras locks a
+        layer's state after `build`, so a snapshot built this way cannot be
+        extended later: `take`, `extend` and `load_own_variables` call
+        `_allocate` instead.
+        """
+        specs = list(weight_specs or [])
+        self._allocate(list(range(len(specs))), specs, layouts)
+
+    def _allocate(self, positions, weight_specs, layouts=None):
+        """Adds `beta` (once) and one copy per `(shape, dtype)` spec.
 
         `layouts`, one per spec, lays each copy out like the weight it copies
         (a `keras.distribution` layout, as Keras' optimizers do for their
         slots); `None` leaves it to the current distribution, if any.
         """
-        # `aggregation="mean"`: the adaptive controller assigns `beta` inside
-        # the replicated step under `tf.distribute`.
-        self.beta = self.add_weight(
-            shape=(),
-            initializer="zeros",
-            dtype="float32",
-            trainable=False,
-            aggregation="mean",
-            name="beta",
-        )
+        if self.positions is None:
+            # `aggregation="mean"`: the adaptive controller assigns `beta`
+            # inside the replicated step under `tf.distribute`.
+            self.beta = self.add_weight(
+                shape=(),
+                initializer="zeros",
+                dtype="float32",
+                trainable=False,
+                aggregation="mean",
+                name="beta",
+            )
+            self.positions = []
+            self.built = True
         layouts = layouts or [None] * len(weight_specs)
         # `add_weight` takes no layout: create the variables as it does.
         with keras.name_scope(self.name, caller=self):
-            self.ref_weights = [
-                keras.Variable(
-                    initializer="zeros",
-                    shape=tuple(shape),
-                    dtype=dtype,
-                    trainable=False,
-                    name=f"ref_{i}",
-                    layout=layout,
+            for position, (shape, dtype), layout in zip(
+                positions, weight_specs, layouts
+            ):
+                self.ref_weights.append(
+                    keras.Variable(
+                        initializer="zeros",
+                        shape=tuple(shape),
+                        dtype=dtype,
+                        trainable=False,
+                        name=f"ref_{position}",
+                        layout=layout,
+                    )
                 )
-                for i, ((shape, dtype), layout) in enumerate(zip(weight_specs, layouts))
-            ]
+                self.positions.append(int(position))
+        self._value_map = None
+
+    def copies(self, model: keras.Model) -> list[tuple]:
+        """`(weight, copy)` pairs: each copied weight of `model` and its θ0."""
+        weights = float_weights(model)
+        return [(weights[p], ref) for p, ref in zip(self.positions, self.ref_weights)]
+
+    def extend(self, model: keras.Model, dtype: str | None = None) -> list:
+        """Adds copies of the weights training can now change, at their value.
+
+        A weight that was frozen and not updated since the snapshot was taken
+        still holds θ0 (the reference read it from the live model), so its
+        current value is the right copy. Called when `fit` starts: layers
+        unfrozen between `fit` calls stay anchored to θ0. Returns the weights
+        it added.
+        """
+        weights = float_weights(model)
+        held = set(self.positions or [])
+        new = [p for p in changeable_positions(model) if p not in held]
+        added = [weights[p] for p in new]
+        specs = [
+            (tuple(w.shape), dtype or keras.backend.standardize_dtype(w.dtype))
+            for w in added
+        ]
+        self._allocate(new, specs, [variable_layout(w) for w in added])
+        for w, ref in zip(added, self.ref_weights[len(self.ref_weights) - len(new) :]):
+            ref.assign(ops.copy(ops.cast(w.value, ref.dtype)))
+        return added
+
+    def missing(self, model: keras.Model) -> list:
+        """Trainable float weights of `model` that the snapshot does not copy."""
+        held = set(self.positions or [])
+        return [
+            w
+            for i, w in enumerate(float_weights(model))
+            if w.trainable and i not in held
+        ]
 
     def take(self, model: keras.Model, dtype: str | None = None):
-        """Copies `model`'s current float weights into the snapshot."""
-        weights = snapshot_weights(model)
-        if not self.built:
-            specs = [
-                (tuple(w.shape), dtype or keras.backend.standardize_dtype(w.dtype))
-                for w in weights
-            ]
-            self.build(specs, [variable_layout(w) for w in weights])
+        """Copies `model`'s current changeable weights into the snapshot.
+
+        The first call (or one after trainability changed) also decides which
+        weights to copy (`extend`); later calls, such as the periodic
+        refreshes, re-copy the same weights.
+        """
+        if self.positions is None:
+            self.extend(model, dtype)
         self.check_matches(model)
         self.match_layouts(model)
-        for ref, w in zip(self.ref_weights, weights):
+        self.refresh(model)
+
+    def refresh(self, model: keras.Model):
+        """Re-copies the current values of the copied weights."""
+        for w, ref in self.copies(model):
             # A copy: on JAX the snapshot must not share the weight's buffer,
             # which the training step donates.
             ref.assign(ops.copy(ops.cast(w.value, ref.dtype)))
         self._value_map = None
 
     def soft_update(self, model: keras.Model, tau: float):
-        """ref <- tau * θ + (1 - tau) * ref."""
-        for ref, w in zip(self.ref_weights, snapshot_weights(model)):
+        """ref <- tau * θ + (1 - tau) * ref (frozen weights: ref is θ)."""
+        for w, ref in self.copies(model):
             mixed = tau * ops.cast(w.value, "float32") + (1.0 - tau) * ops.cast(
                 ref.value, "float32"
             )
             ref.assign(ops.cast(mixed, ref.dtype))
 
     def check_matches(self, model: keras.Model):
-        weights = snapshot_weights(model)
-        if len(weights) != len(self.ref_weights):
+        weights = float_weights(model)
+        if self.positions and max(self.positions) >= len(weights):
             raise ValueError(
-                f"The reference snapshot holds {len(self.ref_weights)} weights but "
-                f"the model has {len(weights)}: it was taken from another model."
+                f"The reference snapshot copies weight number {max(self.positions)} "
+                f"but the model has {len(weights)} float weights: it was taken from "
+                "another model."
             )
-        for ref, w in zip(self.ref_weights, weights):
+        for w, ref in self.copies(model):
             if tuple(ref.shape) != tuple(w.shape):
                 raise ValueError(
                     "The reference snapshot does not match the model: weight "
@@ -139,33 +302,77 @@ class ReferenceSnapshot(keras.layers.Layer):
         A snapshot restored from a file is built before it can see the
         model's layouts: it is re-laid out here, shard by shard.
         """
-        for ref, w in zip(self.ref_weights, snapshot_weights(model)):
+        for w, ref in self.copies(model):
             layout = variable_layout(w)
             if layout is not None and variable_layout(ref) is not layout:
                 set_variable_layout(ref, layout)  # JAX: re-distributed
 
+    def save_own_variables(self, store):
+        super().save_own_variables(store)  # "0": beta, then the copies
+        if self.positions is not None:
+            store[_POSITIONS_KEY] = np.asarray(self.positions, dtype="int64")
+
     def load_own_variables(self, store):
-        # A snapshot saved with the model is restored even into a fresh,
-        # never-snapshotted RDropModel: build it from the stored arrays first.
-        if not self.built and len(store.keys()) > 1:
-            count = len(store.keys())
-            specs = [
-                (store[f"{i}"].shape, str(store[f"{i}"].dtype)) for i in range(1, count)
-            ]
-            self.build(specs)
-        super().load_own_variables(store)
+        keys = set(store.keys())
+        copies = len(keys - {_POSITIONS_KEY}) - 1  # "0" is beta
+        if copies < 0:  # nothing stored for the snapshot
+            if self.positions is None:
+                return
+            # A failure, as in Keras' own check. Keras then tries the other
+            # places the layer may be stored under and reports the last
+            # error: repeat a mismatch found at the first place, if any.
+            error, self._load_error = self._load_error, None
+            raise error or ValueError(
+                f"Layer {self.name!r} holds a reference snapshot of "
+                f"{len(self.ref_weights)} weights, but the file has none for it."
+            )
+        if _POSITIONS_KEY in keys:
+            positions = [int(p) for p in np.asarray(store[_POSITIONS_KEY])]
+        else:
+            # A full snapshot (files from keras-rdrop up to 751f1f1): one copy
+            # per float weight. It loads as such: every weight stays exact.
+            positions = list(range(copies))
+        values = {p: store[f"{i + 1}"] for i, p in enumerate(positions)}
+        if self.positions is None:
+            # A snapshot saved with the model is restored even into a fresh,
+            # never-snapshotted RDropModel: build it from the stored arrays.
+            specs = [(values[p].shape, str(values[p].dtype)) for p in positions]
+            self._allocate(positions, specs)
+        elif sorted(positions) != sorted(self.positions):
+            self._load_error = ValueError(
+                "The reference snapshot in the file copies the float weights at "
+                f"positions {sorted(positions)} of the model, but this model's "
+                f"snapshot copies {sorted(self.positions)}: the weights that are "
+                "trainable differ between the run that wrote the file and this "
+                "one. Freeze and unfreeze the same layers as in that run before "
+                "restoring it (`BackupAndRestore` restores after "
+                "`ReferenceKLRegularizer` has taken the snapshot of this run)."
+                + (
+                    ""
+                    if _POSITIONS_KEY in keys
+                    else " The file holds a full snapshot (written by keras-rdrop "
+                    "up to 751f1f1); load it with `keras.saving.load_model`, "
+                    "which restores it as a full snapshot."
+                )
+            )
+            raise self._load_error
+        self._load_error = None
+        self.beta.assign(store["0"])
+        for p, ref in zip(self.positions, self.ref_weights):
+            ref.assign(values[p])
         self._value_map = None
 
     # ------------------------------------------------------------- training
 
     def _reference_values(self, model):
         if self._value_map is None:
-            weights = snapshot_weights(model)
-            self._value_map = {id(w): i for i, w in enumerate(weights)}
+            self._value_map = {id(w): i for i, (w, _) in enumerate(self.copies(model))}
 
         def value(variable):
             index = self._value_map.get(id(variable))
-            if index is None:  # integer state such as seeds: not snapshotted
+            if index is None:
+                # Frozen weights (still θ0) and integer state such as seeds:
+                # read from the live model, not copied.
                 return variable.value
             ref = self.ref_weights[index]
             if ref.dtype == variable.dtype:

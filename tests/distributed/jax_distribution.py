@@ -34,9 +34,9 @@ X = RNG.standard_normal((64, FEATURES)).astype("float32")
 Y = np.argmax(X @ RNG.standard_normal((FEATURES, CLASSES)), axis=-1).astype("int32")
 
 
-def inner_model():
+def inner_model(frozen_head=False):
     init = keras.initializers.GlorotUniform
-    return keras.Sequential(
+    model = keras.Sequential(
         [
             keras.Input((FEATURES,)),
             keras.layers.Dense(
@@ -47,6 +47,9 @@ def inner_model():
         ],
         name="inner",
     )
+    # A frozen head: the snapshot copies only the (sharded) "big" layer.
+    model.get_layer("head").trainable = not frozen_head
+    return model
 
 
 def data_parallel():
@@ -68,7 +71,7 @@ def model_parallel():
 def layouts(model):
     """Per snapshot variable: its sharding next to the model variable's."""
     out = []
-    for w, ref in zip(model.model.weights, model.reference.ref_weights):
+    for w, ref in model.reference.copies(model.model):
         w_sharding, ref_sharding = w.value.sharding, ref.value.sharding
         out.append(
             {
@@ -85,17 +88,24 @@ def layouts(model):
     return out
 
 
-def train(distribution, epochs=2, callback=None, model=None, mode="concat"):
+def train(
+    distribution,
+    epochs=2,
+    callback=None,
+    model=None,
+    mode="concat",
+    frozen_head=False,
+):
     scope = distribution.scope() if distribution else contextlib.nullcontext()
     with scope:
         if model is None:
             keras.utils.set_random_seed(0)
-            model = RDropModel(inner_model(), alpha=1.0, mode=mode)
+            model = RDropModel(inner_model(frozen_head), alpha=1.0, mode=mode)
             model.compile(
                 optimizer=keras.optimizers.Adam(1e-2),
                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             )
-        theta0 = [np.array(w) for w in model.model.get_weights()]
+        theta0 = {w.path: keras.ops.convert_to_numpy(w) for w in model.model.weights}
         callback = callback or ReferenceKLRegularizer(beta=0.5)
         history = model.fit(
             X,
@@ -111,16 +121,18 @@ def train(distribution, epochs=2, callback=None, model=None, mode="concat"):
         "theta0": theta0,
         "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
         "weights": [np.array(w) for w in model.model.get_weights()],
-        "reference": [
-            np.array(keras.ops.convert_to_numpy(r.value), dtype="float32")
-            for r in model.reference.ref_weights
-        ],
+        # The copies, by the path of the weight each one copies.
+        "reference": {
+            w.path: np.array(keras.ops.convert_to_numpy(r.value), dtype="float32")
+            for w, r in model.reference.copies(model.model)
+        },
+        "final": {w.path: keras.ops.convert_to_numpy(w) for w in model.model.weights},
         "beta": float(keras.ops.convert_to_numpy(model.reference.beta.value)),
     }
 
 
 def max_diff(a, b):
-    return max(float(np.max(np.abs(p - q))) for p, q in zip(a, b))
+    return max((float(np.max(np.abs(p - q))) for p, q in zip(a, b)), default=0.0)
 
 
 def summary(run, single=None):
@@ -129,8 +141,19 @@ def summary(run, single=None):
         "beta": run["beta"],
         "layouts": layouts(run["model"]),
         # The snapshot is θ0 after training (not overwritten, not donated).
-        "reference_vs_theta0": max_diff(run["reference"], run["theta0"]),
-        "trained_vs_theta0": max_diff(run["weights"], run["theta0"]),
+        "reference_vs_theta0": max_diff(
+            list(run["reference"].values()),
+            [run["theta0"][path] for path in run["reference"]],
+        ),
+        "trained_vs_theta0": max_diff(
+            list(run["final"].values()), list(run["theta0"].values())
+        ),
+        "copied": sorted(run["reference"]),
+        # Weights left out of the snapshot did not move: they are still θ0.
+        "uncopied_vs_theta0": max_diff(
+            [v for k, v in run["final"].items() if k not in run["reference"]],
+            [v for k, v in run["theta0"].items() if k not in run["reference"]],
+        ),
     }
     if single is not None:
         out["weights_vs_single"] = max_diff(run["weights"], single["weights"])
@@ -167,6 +190,14 @@ def main():
         train(model_parallel(), callback=moving()), single_moving
     )
 
+    # A partial snapshot: the head is frozen, only the sharded layer is
+    # copied, and laid out like it.
+    single_partial = train(None, frozen_head=True)
+    results["partial_single"] = summary(single_partial)
+    results["partial_model_parallel"] = summary(
+        train(model_parallel(), frozen_head=True), single_partial
+    )
+
     # A model saved with its snapshot and loaded under ModelParallel: the
     # snapshot is restored before the model's layouts are known, and laid out
     # like them when training starts.
@@ -178,7 +209,8 @@ def main():
             loaded = keras.saving.load_model(path)
         results["loaded_before_fit"] = layouts(loaded)
         resumed = train(distribution, epochs=1, model=loaded)
-        resumed["theta0"] = single["theta0"]  # the original snapshot, kept
+        # The original snapshot, kept (the loaded weights have other paths).
+        resumed["theta0"] = dict(zip(resumed["final"], single["theta0"].values()))
         results["loaded_model_parallel"] = summary(resumed)
     print("RESULT " + json.dumps(results))
 
