@@ -1,4 +1,5 @@
 import os
+import warnings
 
 import keras
 import numpy as np
@@ -369,14 +370,16 @@ JIT_MODES = [False, True, "auto"]
 @pytest.mark.parametrize("jit_compile", JIT_MODES)
 @pytest.mark.parametrize("mode", ["sequential", "concat"])
 def test_jit_compile_modes(jit_compile, mode):
-    if BACKEND == "torch" and jit_compile is True:
-        pytest.skip(
-            "torch: Keras' jit_compile=True means torch.compile (dynamo), which "
-            "recompiles per call signature; covered by the eager and auto paths"
-        )
+    # On torch, jit_compile=True is torch.compile; graph breaks and
+    # recompiles are tested in test_torch_compile.py, which says why torch's
+    # own warnings while it compiles are not errors.
     x, y = classification_data()
     model = compiled(rdrop(mode=mode), jit_compile=jit_compile)
-    h = model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    with warnings.catch_warnings():
+        if BACKEND == "torch" and jit_compile is True:
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)
+        h = model.fit(x, y, batch_size=16, epochs=2, verbose=0)
     assert h.history["kl_loss"][-1] > 0
     assert h.history["loss"][-1] < h.history["loss"][0] + 0.5
 

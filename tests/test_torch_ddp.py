@@ -41,7 +41,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run(case, mode, out_dir, processes):
+def _run(case, mode, out_dir, processes, distribution="ddp"):
     env = dict(os.environ)
     root = str(Path(keras_rdrop.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -56,7 +56,7 @@ def _run(case, mode, out_dir, processes):
             "--master_addr=127.0.0.1",
             f"--master_port={_free_port()}",
         ]
-    command += [str(SCRIPT), case, mode, str(out_dir)]
+    command += [str(SCRIPT), case, mode, str(out_dir), distribution]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, (
         f"{' '.join(command)} failed ({proc.returncode}):\n"
@@ -66,10 +66,13 @@ def _run(case, mode, out_dir, processes):
     return [json.loads((Path(out_dir) / name).read_text()) for name in names]
 
 
-@pytest.mark.parametrize("mode", ["sequential", "concat"])
-def test_two_processes_match_one_on_the_global_batch(mode, tmp_path):
+@pytest.mark.parametrize(
+    "mode, distribution",
+    [("sequential", "ddp"), ("concat", "ddp"), ("concat", "data_parallel")],
+)
+def test_two_processes_match_one_on_the_global_batch(mode, distribution, tmp_path):
     (single,) = _run("fixed", mode, tmp_path, 1)
-    ranks = _run("fixed", mode, tmp_path, 2)
+    ranks = _run("fixed", mode, tmp_path, 2, distribution)
     assert all(r["ddp"] for r in ranks), "Keras did not wrap the model in DDP"
     assert single["history"]["ref_kl"][-1] > 1e-4  # the anchor is at work
     for result in ranks:

@@ -6,7 +6,12 @@ Run by tests/test_torch_ddp.py, either as one process on the global batch:
 
 or as two gloo processes on CPU, each on its own shard of every batch:
 
-    python -m torch.distributed.run --nproc_per_node=2 torch_ddp.py CASE MODE OUT_DIR
+    python -m torch.distributed.run --nproc_per_node=2 \
+        torch_ddp.py CASE MODE OUT_DIR [DIST]
+
+DIST is `ddp` (the default: only `torch.distributed` initialized) or
+`data_parallel` (`keras.distribution.DataParallel(auto_shard_dataset=False)`
+set as well).
 
 Keras' torch trainer wraps the model in `DistributedDataParallel` when
 `torch.distributed` is initialized and all-reduces the metric variables, so
@@ -76,11 +81,18 @@ def build(case):
 
 def main():
     case, mode, out_dir = sys.argv[1:4]
+    distribution = sys.argv[4] if len(sys.argv) > 4 else "ddp"
     distributed = "RANK" in os.environ
     rank, world = 0, 1
     if distributed:
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
+        if distribution == "data_parallel":
+            # Keras' torch `keras.distribution` (3.16): the same DDP step,
+            # with each rank passing its own shard.
+            keras.distribution.set_distribution(
+                keras.distribution.DataParallel(auto_shard_dataset=False)
+            )
         # Each rank draws its own dropout masks, as on separate devices.
         keras.utils.set_random_seed(1 + rank)
     x, y = data()
