@@ -123,6 +123,17 @@ def markdown(run: dict) -> str:
             f"one copy of the weights: {fmt(summary['weight_mb'], '.1f')} MB.",
             "",
         ]
+        compiled = [r for r in rows if r.get("torch_compile")]
+        if compiled:
+            lines += [
+                "torch.compile (variants with jit_compile=True on torch): "
+                + "; ".join(
+                    f"{r['variant']}: {_dynamo_cell(r['torch_compile'])}"
+                    for r in compiled
+                )
+                + ".",
+                "",
+            ]
         if result.get("logits_bytes") and measured:
             lines += copies_table(result, measured) + [""]
         lines += targets(summary)
@@ -145,6 +156,16 @@ def _variables_cell(row) -> str:
     if not v:
         return "—"
     return f"{v['extra_mb']:+.1f} / {v['trainable_mb']:.1f} / {v['optimizer_mb']:.1f}"
+
+
+def _dynamo_cell(summary: dict) -> str:
+    if "error" in summary:
+        return summary["error"]
+    return (
+        f"{summary['graph_breaks']} graph breaks "
+        f"({summary['unique_graph_breaks']} distinct), "
+        f"{summary['unique_graphs']} graphs"
+    )
 
 
 def _exact_mb(row):
@@ -251,6 +272,10 @@ def memory_cell(by, backend, variant, weights, activations) -> str:
         delta = row["growth_vs_plain_mb"]
         budget = plain["transient_mb"] if activations is None else activations
     if variant == "anchor":
+        # One copy of the weights: the PyTorch loop's, or, without a loop,
+        # the inner Keras model's variables.
+        if weights is None and plain.get("variables"):
+            weights = plain["variables"]["inner_variables_mb"]
         budget += weights or 0.0
     mark = "met" if round(delta, 1) <= round(budget, 1) else "MISSED"
     return f"{delta:+.1f} ≤ {budget:.1f} ({kind}) {mark}"

@@ -92,6 +92,7 @@ def _row(
         "xla": None if mem is None else mem.get("xla"),
         "saved_mb": None if mem is None else mem.get("autograd_saved_mb"),
         "variables": None if mem is None else mem.get("variables"),
+        "torch_compile": None if mem is None else mem.get("torch_compile"),
     }
 
 

@@ -75,6 +75,22 @@ def build_keras_variant(variant, model_name, backend, jit, sync_every_step=False
     return model, callbacks, inner
 
 
+def _dynamo_summary() -> dict:
+    """What torch.compile did: graph breaks (by reason) and graphs compiled."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {"error": "torch._dynamo not available"}
+    breaks = dict(counters["graph_break"])
+    return {
+        "graph_breaks": sum(breaks.values()),
+        "unique_graph_breaks": len(breaks),
+        "graph_break_reasons": dict(sorted(breaks.items(), key=lambda kv: -kv[1])[:20]),
+        "unique_graphs": counters["stats"].get("unique_graphs"),
+        "calls_captured": counters["stats"].get("calls_captured"),
+    }
+
+
 def _first_rows(x, n):
     """The first `n` rows of an array or of each array of a dict."""
     if isinstance(x, dict):
@@ -195,6 +211,8 @@ def keras_worker(spec: dict):
             finished["xla"] = xla_memory(model, xb, yb)
         if backend == "tensorflow":
             finished["xla"] = tf_xla_memory(tf_xla_dump)
+        if backend == "torch" and model.jit_compile is True:
+            finished["torch_compile"] = _dynamo_summary()
         # Exact bytes of the variables (the anchor's snapshot: extra_mb).
         finished["variables"] = variable_breakdown(model, inner)
         # Autograd's saved tensors of an eager step; a torch.compile'd step
