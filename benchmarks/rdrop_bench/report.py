@@ -25,7 +25,7 @@ def markdown(run: dict) -> str:
     ]
     for label, state in git.get("sources", {}).items():
         lines[0] += (
-            f" Variants @{label}: keras-rdrop at {state['commit']}"
+            f" Variants @{label}: keras-rdrop at {state['commit'] or 'unknown commit'}"
             + (" (keras_rdrop/ modified)" if state["keras_rdrop_dirty"] else "")
             + f" ({state['source']})."
         )

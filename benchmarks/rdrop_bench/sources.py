@@ -40,9 +40,16 @@ def snapshot(rev: str) -> Path:
 
 def _tree_state(path: Path) -> dict:
     """The commit of a checkout and whether its keras_rdrop/ is modified."""
+    top = _git(path, "rev-parse", "--show-toplevel")
+    if not top or Path(top).resolve() != Path(path).resolve():
+        # Not the root of a checkout (e.g. a `git archive` extract): a commit
+        # of an enclosing repository would be wrong.
+        return {
+            "commit": None,
+            "keras_rdrop_dirty": None,
+            "source": f"folder {path}, not a git checkout: commit unknown",
+        }
     commit = _git(path, "rev-parse", "--short", "HEAD")
-    if not commit:
-        return {"commit": None, "keras_rdrop_dirty": None, "source": str(path)}
     return {
         "commit": commit,
         "keras_rdrop_dirty": bool(_git(path, "status", "--porcelain", "keras_rdrop")),
