@@ -30,6 +30,7 @@ from rdrop_bench.config import (
     KERAS_VARIANTS,
     LOOP_VARIANTS,
     MODEL_NAMES,
+    NO_LOOP_MODELS,
     QUICK_LOOPS,
     QUICK_VARIANTS,
     VARIANT_HELP,
@@ -254,14 +255,17 @@ def main(argv=None):
     for v in args.loop_variants:
         if v not in LOOP_VARIANTS:
             raise SystemExit(f"unknown loop {v!r}; choose from {list(LOOP_VARIANTS)}")
-    if args.loop_variants:
-        args.pythons["loop"] = resolve_python("loop", overrides, multi)
     if args.model is None:
         models = ["mlp"] if args.quick else ["mlp", "transformer"]
     elif args.model == "all":
         models = list(MODEL_NAMES)
     else:
         models = [args.model]
+    if all(m in NO_LOOP_MODELS for m in models):
+        # No PyTorch-loop peer of these models: no loop worker, no torch needed.
+        args.loop_variants = []
+    if args.loop_variants:
+        args.pythons["loop"] = resolve_python("loop", overrides, multi)
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     tag = args.tag or f"{stamp}-{'-'.join(backends)}-{'-'.join(models)}" + (
