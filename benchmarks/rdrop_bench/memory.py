@@ -201,6 +201,7 @@ def variable_breakdown(model, inner) -> dict:
         "model_variables_mb": total * mb,
         "inner_variables_mb": own * mb,
         "extra_mb": (total - own) * mb,
+        "extra_bytes": total - own,
         "trainable_mb": variable_bytes(inner.trainable_variables) * mb,
         "optimizer_mb": variable_bytes(model.optimizer.variables) * mb,
     }
