@@ -206,7 +206,7 @@ def run_model(args, model_name: str, log_dir: Path) -> dict:
             by_source.setdefault(parse_variant(v)["source"], []).append(v)
         return list(by_source.values())
 
-    def label(variants):
+    def source_label(variants):
         return parse_variant(variants[0])["source"]
 
     # The PyTorch loop has no peer of some models (e.g. the keras-hub LoRA one).
@@ -245,7 +245,7 @@ def run_model(args, model_name: str, log_dir: Path) -> dict:
                     backend,
                     vs,
                     args.pythons[backend],
-                    child_env(backend, args.threads, label(vs)),
+                    child_env(backend, args.threads, source_label(vs)),
                 )
                 for vs in split(args.variants)
             ]
