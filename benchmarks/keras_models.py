@@ -51,6 +51,24 @@ MODELS = {
         "width": 32,
         "dropout": 0.1,
     },
+    # LoRA fine-tuning of a keras-hub GPT2Backbone built from config (random
+    # weights, nothing downloaded): 6 layers of width 768, a small
+    # vocabulary, so the frozen weights (about 177 MB) dominate memory. LoRA
+    # rank 4 on the attention query and value projections
+    # (`backbone.enable_lora`), mean pooling, dropout, a 2-class head.
+    "lora": {
+        "batch_size": 4,
+        "vocab_size": 2048,
+        "seq_len": 32,
+        "max_sequence_length": 64,
+        "hidden_dim": 768,
+        "num_layers": 6,
+        "num_heads": 12,
+        "intermediate_dim": 3072,
+        "lora_rank": 4,
+        "num_classes": 2,
+        "dropout": 0.1,
+    },
 }
 
 # Optimizer and loss settings shared by every variant, Keras and PyTorch.
@@ -111,8 +129,8 @@ def make_data(name: str, num_samples: int, seed: int = 0):
     """A fixed random dataset: `(x, y)` numpy arrays of `num_samples` rows.
 
     `x` is a dict of arrays for `bert_tiny` (token_ids, segment_ids,
-    padding_mask); `y` holds one class per row, or one token per position for
-    `lm50k`.
+    padding_mask) and `lora` (token_ids, padding_mask: no padding); `y`
+    holds one class per row, or one token per position for `lm50k`.
     """
     cfg = MODELS[name]
     rng = np.random.default_rng(seed)
@@ -120,6 +138,12 @@ def make_data(name: str, num_samples: int, seed: int = 0):
         x = rng.standard_normal((num_samples, cfg["in_dim"]), dtype=np.float32)
     elif name == "bert_tiny":
         x = _bert_inputs(cfg, num_samples, rng)
+    elif name == "lora":
+        shape = (num_samples, cfg["seq_len"])
+        x = {
+            "token_ids": rng.integers(1, cfg["vocab_size"], size=shape, dtype=np.int32),
+            "padding_mask": np.ones(shape, dtype=np.int32),
+        }
     else:
         x = rng.integers(
             1, cfg["vocab_size"], size=(num_samples, cfg["seq_len"]), dtype=np.int32
@@ -240,11 +264,47 @@ def build_lm50k():
     return keras.Model(tokens, outputs, name="lm50k")
 
 
+def build_lora():
+    """A GPT2Backbone from config with LoRA adapters, and a classifier head.
+
+    `backbone.enable_lora(rank)` freezes every backbone weight and adds
+    trainable rank-`rank` adapters to the attention query and value
+    projections; the head (a Dense layer) is trainable. keras-hub is imported
+    here only, in the Keras worker.
+    """
+    import keras
+    import keras_hub
+
+    cfg = MODELS["lora"]
+    backbone = keras_hub.models.GPT2Backbone(
+        vocabulary_size=cfg["vocab_size"],
+        num_layers=cfg["num_layers"],
+        num_heads=cfg["num_heads"],
+        hidden_dim=cfg["hidden_dim"],
+        intermediate_dim=cfg["intermediate_dim"],
+        dropout=cfg["dropout"],
+        max_sequence_length=cfg["max_sequence_length"],
+    )
+    backbone.enable_lora(rank=cfg["lora_rank"])
+    inputs = {
+        "token_ids": keras.Input((cfg["seq_len"],), dtype="int32", name="token_ids"),
+        "padding_mask": keras.Input(
+            (cfg["seq_len"],), dtype="int32", name="padding_mask"
+        ),
+    }
+    h = backbone(inputs)
+    h = keras.layers.GlobalAveragePooling1D()(h)
+    h = keras.layers.Dropout(cfg["dropout"])(h)
+    outputs = keras.layers.Dense(cfg["num_classes"], name="logits")(h)
+    return keras.Model(inputs, outputs, name="gpt2_lora_classifier")
+
+
 BUILDERS = {
     "mlp": build_mlp,
     "transformer": build_transformer,
     "bert_tiny": build_bert_tiny,
     "lm50k": build_lm50k,
+    "lora": build_lora,
 }
 
 

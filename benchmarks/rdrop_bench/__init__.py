@@ -1,0 +1,1 @@
+"""The benchmark's code; `benchmarks/bench.py` is its entry point."""
