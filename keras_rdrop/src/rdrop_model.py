@@ -23,6 +23,7 @@ from keras_rdrop.src.keras_internals import (
 )
 from keras_rdrop.src.output_plan import PlanCache
 from keras_rdrop.src.reference_snapshot import ReferenceSnapshot
+from keras_rdrop.src.seed_state import is_seed_key, load_seed_states, save_seed_states
 
 MODES = ("sequential", "concat")
 _OWN_LOG_NAMES = ("kl_loss", "task_loss", "ref_kl")
@@ -390,6 +391,22 @@ class RDropModel(TaskPreprocessingModel):
         return results
 
     # ---------------------------------------------------------- serialization
+
+    def save_own_variables(self, store):
+        """Saves the model's own state, with the inner model's seed states.
+
+        Keras saves no `SeedGenerator` state; storing the inner model's here
+        makes a run resumed from a checkpoint (`BackupAndRestore`,
+        `load_weights`) draw the dropout masks an uninterrupted run draws.
+        """
+        super().save_own_variables(store)
+        save_seed_states(self.model, store)
+
+    def load_own_variables(self, store):
+        """Loads what `save_own_variables` saved (seed states if present)."""
+        own = {key: store[key] for key in store.keys() if not is_seed_key(key)}
+        super().load_own_variables(own)
+        load_seed_states(self.model, store)
 
     def get_config(self) -> dict:
         config = super().get_config()
