@@ -55,7 +55,9 @@ def split(images, labels, args, seed, np):
     for digit in range(10):
         rows = np.flatnonzero(labels == digit)
         test.extend(rows[: args.test_per_class])
-        pool.append(np.random.default_rng(seed).permutation(rows[args.test_per_class :]))
+        pool.append(
+            np.random.default_rng(seed).permutation(rows[args.test_per_class :])
+        )
     labeled = np.concatenate([rows[: args.labels_per_class] for rows in pool])
     rest = np.random.default_rng(seed).permutation(
         np.concatenate([rows[args.labels_per_class :] for rows in pool])

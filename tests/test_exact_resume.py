@@ -99,9 +99,7 @@ def test_resumed_run_is_bitwise_the_uninterrupted_one(tmp_path, inner, mode):
     # Every variable: weights and the seed states themselves.
     for a, b in zip(state(resumed), state(reference)):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(
-        state(resumed.optimizer), state(reference.optimizer), strict=True
-    ):
+    for a, b in zip(state(resumed.optimizer), state(reference.optimizer), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -187,3 +185,21 @@ def test_a_file_from_another_architecture_is_an_error(tmp_path):
     other = make(0)  # one generator
     with pytest.raises(ValueError, match="holds 2 dropout seed states"):
         other.load_own_variables(store)
+
+
+def test_backups_within_an_epoch_replay_the_epoch(tmp_path):
+    """Keras' `BackupAndRestore(save_freq=N)` resumes at the interrupted
+    epoch's first batch, from weights saved in its middle: the first batches
+    are trained twice, so only `save_freq="epoch"` resumes exactly."""
+    backup = str(tmp_path / "backup")
+    reference = train(make(0), [])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(
+            make(0),
+            [keras.callbacks.BackupAndRestore(backup, save_freq=2), Interrupt()],
+        )
+    resumed = train(make(7), [keras.callbacks.BackupAndRestore(backup, save_freq=2)])
+    # 3 epochs of 6 steps; the resumed run saved after 4 steps of epoch 1 and
+    # then ran epochs 1 and 2 in full.
+    assert int(to_numpy(reference.optimizer.iterations)) == 18
+    assert int(to_numpy(resumed.optimizer.iterations)) == 6 + 4 + 12

