@@ -200,7 +200,16 @@ class FusedLanguageModelLoss:
         return sparse_labels(y, y_pred_1) is not None
 
     def compute(
-        self, plan, loss, loss_weights, losses, y, y_pred_1, y_pred_2, sample_weight
+        self,
+        plan,
+        loss,
+        loss_weights,
+        losses,
+        y,
+        y_pred_1,
+        y_pred_2,
+        sample_weight,
+        weight_consistency=True,
     ):
         """`(task_loss, {"weighted": ..., "unweighted": ...})` for the step.
 
@@ -214,6 +223,10 @@ class FusedLanguageModelLoss:
             y_pred_1: Logits of the first pass.
             y_pred_2: Logits of the second pass.
             sample_weight: The step's `sample_weight`, or `None`.
+            weight_consistency: Whether the KL is weighted by
+                `sample_weight` like the task loss; `False` gives every
+                position weight 1 (unlabeled rows have `sample_weight=0`).
+                Rows whose label is `ignore_class` get the KL either way.
         """
         (entry,) = plan
         labels = sparse_labels(y, y_pred_1)
@@ -249,6 +262,8 @@ class FusedLanguageModelLoss:
         mask = get_keras_mask(y_pred_2)
         if mask is not None:
             set_keras_mask(skl, mask)
-        weights = position_weights(copy_sample_weight(sample_weight), y_pred_1)
+        weights = None
+        if weight_consistency:
+            weights = position_weights(copy_sample_weight(sample_weight), y_pred_1)
         kl = ReducedLike(PairwiseTerm("symmetric_kl"))(y_pred_1, skl, weights)
         return task_loss, {"weighted": entry.alpha * kl, "unweighted": kl}

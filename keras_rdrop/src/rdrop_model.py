@@ -23,6 +23,7 @@ from keras_rdrop.src.keras_internals import (
 )
 from keras_rdrop.src.output_plan import PlanCache
 from keras_rdrop.src.reference_snapshot import ReferenceSnapshot
+from keras_rdrop.src.seed_state import is_seed_key, load_seed_states, save_seed_states
 
 MODES = ("sequential", "concat")
 _OWN_LOG_NAMES = ("kl_loss", "task_loss", "ref_kl")
@@ -138,6 +139,13 @@ class RDropModel(TaskPreprocessingModel):
         regression_consistency: Whether outputs with a regression loss (MSE,
             MAE, Huber, ...) get a mean-squared-difference term between the
             passes. Defaults to `False`.
+        consistency_on_all_rows: Whether the consistency terms (the R-Drop
+            KL, and the anchor's KL when a `ReferenceKLRegularizer` is used)
+            take every row at weight 1, whatever its `sample_weight`. Rows
+            with `sample_weight=0` then get no task loss but the KL: they are
+            unlabeled rows, with any loss (see the README's "Unlabeled rows").
+            Keras masks still apply. Defaults to `False`: the consistency
+            terms are weighted like the task loss.
         **kwargs: Passed to `keras.Model` (`name`, `trainable`, ...).
 
     Example:
@@ -177,6 +185,7 @@ class RDropModel(TaskPreprocessingModel):
         mode: str = "concat",
         from_logits: bool | dict | None = None,
         regression_consistency: bool = False,
+        consistency_on_all_rows: bool = False,
         **kwargs,
     ):
         if not isinstance(model, keras.Model):
@@ -204,12 +213,18 @@ class RDropModel(TaskPreprocessingModel):
                 "`regression_consistency` should be a bool. Received: "
                 f"regression_consistency={regression_consistency!r}"
             )
+        if not isinstance(consistency_on_all_rows, bool):
+            raise TypeError(
+                "`consistency_on_all_rows` should be a bool. Received: "
+                f"consistency_on_all_rows={consistency_on_all_rows!r}"
+            )
         super().__init__(**kwargs)
         self.model = model
         self.alpha = _validate_alpha(alpha)
         self.mode = mode
         self.from_logits = from_logits
         self.regression_consistency = regression_consistency
+        self.consistency_on_all_rows = consistency_on_all_rows
         self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
         self.task_loss_tracker = keras.metrics.Mean(name="task_loss")
         # Filled by `ReferenceKLRegularizer`; holds no variables until then.
@@ -339,7 +354,12 @@ class RDropModel(TaskPreprocessingModel):
         )
         if self.reference.active:
             total = total + self.reference.penalty(
-                plan, self.model, x, y_pred_1, sample_weight, batch_size
+                plan,
+                self.model,
+                x,
+                y_pred_1,
+                self._consistency_weight(sample_weight),
+                batch_size,
             )
         return total
 
@@ -360,13 +380,27 @@ class RDropModel(TaskPreprocessingModel):
         args = (self.loss, self._loss_weights)
         if fused.applies(plan, *args, y, y_pred_1, y_pred_2, sample_weight):
             return fused.compute(
-                plan, *args, self.losses, y, y_pred_1, y_pred_2, sample_weight
+                plan,
+                *args,
+                self.losses,
+                y,
+                y_pred_1,
+                y_pred_2,
+                sample_weight,
+                weight_consistency=not self.consistency_on_all_rows,
             )
         task_loss = 0.5 * (
             self._task_loss(x, y, y_pred_1, sample_weight)
             + self._task_loss(x, y, y_pred_2, sample_weight)
         )
-        return task_loss, pairwise_consistency(plan, y_pred_1, y_pred_2, sample_weight)
+        consistency = pairwise_consistency(
+            plan, y_pred_1, y_pred_2, self._consistency_weight(sample_weight)
+        )
+        return task_loss, consistency
+
+    def _consistency_weight(self, sample_weight):
+        """The `sample_weight` the consistency terms use."""
+        return None if self.consistency_on_all_rows else sample_weight
 
     def _consistency(self, y_pred_1, y_pred_2, sample_weight):
         """The general path's consistency terms between two given passes."""
@@ -391,6 +425,22 @@ class RDropModel(TaskPreprocessingModel):
 
     # ---------------------------------------------------------- serialization
 
+    def save_own_variables(self, store):
+        """Saves the model's own state, with the inner model's seed states.
+
+        Keras saves no `SeedGenerator` state; storing the inner model's here
+        makes a run resumed from a checkpoint (`BackupAndRestore`,
+        `load_weights`) draw the dropout masks an uninterrupted run draws.
+        """
+        super().save_own_variables(store)
+        save_seed_states(self.model, store)
+
+    def load_own_variables(self, store):
+        """Loads what `save_own_variables` saved (seed states if present)."""
+        own = {key: store[key] for key in store.keys() if not is_seed_key(key)}
+        super().load_own_variables(own)
+        load_seed_states(self.model, store)
+
     def get_config(self) -> dict:
         config = super().get_config()
         config.update(
@@ -400,6 +450,7 @@ class RDropModel(TaskPreprocessingModel):
                 "mode": self.mode,
                 "from_logits": self.from_logits,
                 "regression_consistency": self.regression_consistency,
+                "consistency_on_all_rows": self.consistency_on_all_rows,
             }
         )
         return config

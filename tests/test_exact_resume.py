@@ -1,0 +1,205 @@
+"""Exact resume with dropout: RDropModel checkpoints the inner model's seed states.
+
+Keras saves weights and optimizer state but not the `SeedGenerator` states
+that dropout draws its masks from; RDropModel saves them with its own state
+(`keras_rdrop/src/seed_state.py`), so a run interrupted mid-epoch and resumed
+by `BackupAndRestore` ends with bitwise the weights of an uninterrupted run.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+from keras_rdrop import RDropModel, ReferenceKLRegularizer
+from keras_rdrop.src import seed_state
+from tests.models import NUM_CLASSES, classification_data, mlp, sparse_ce
+from tests.testing import to_numpy
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Raises in the middle of the second epoch."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch == 1 and batch == 3:
+            raise RuntimeError("simulated crash")
+
+
+def unseeded_mlp(features=8):
+    """Dropout with `seed=None`: its generator's seed comes from Python's RNG."""
+    return keras.Sequential(
+        [
+            keras.Input((features,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dropout(0.4),
+            keras.layers.GaussianNoise(0.2),
+            keras.layers.Dense(NUM_CLASSES),
+        ]
+    )
+
+
+def make(seed, inner="seeded", mode="concat"):
+    """A fresh process's model: other initial weights and dropout seeds."""
+    keras.utils.set_random_seed(seed)
+    net = mlp(dropout=0.4, seed=seed) if inner == "seeded" else unseeded_mlp()
+    model = RDropModel(net, alpha=1.0, mode=mode)
+    model.compile(optimizer="adam", loss=sparse_ce())
+    return model
+
+
+def train(model, callbacks, epochs=3, anchor=False):
+    x, y = classification_data(n=96)
+    if anchor:
+        callbacks = [ReferenceKLRegularizer(beta=0.3), *callbacks]
+    model.fit(
+        x,
+        y,
+        batch_size=16,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+    )
+    return model
+
+
+def state(model):
+    return [to_numpy(v) for v in model.variables]
+
+
+def interrupted_and_resumed(tmp_path, anchor=False, **kwargs):
+    backup = str(tmp_path / "backup")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(
+            make(0, **kwargs),
+            [keras.callbacks.BackupAndRestore(backup), Interrupt()],
+            anchor=anchor,
+        )
+    return train(
+        make(7, **kwargs), [keras.callbacks.BackupAndRestore(backup)], anchor=anchor
+    )
+
+
+@pytest.mark.parametrize(
+    "inner, mode",
+    [("seeded", "concat"), ("seeded", "sequential"), ("unseeded", "concat")],
+)
+def test_resumed_run_is_bitwise_the_uninterrupted_one(tmp_path, inner, mode):
+    if inner == "unseeded" and keras.backend.backend() == "torch":
+        pytest.skip(
+            "Keras' torch backend draws `Dropout(seed=None)` masks from torch's "
+            "global generator (`torch.nn.functional.dropout`), not from the "
+            "layer's SeedGenerator, so no model checkpoint holds them: give "
+            "Dropout a seed for an exact resume on torch"
+        )
+    reference = train(make(0, inner=inner, mode=mode), [])
+    resumed = interrupted_and_resumed(tmp_path, inner=inner, mode=mode)
+    # Every variable: weights and the seed states themselves.
+    for a, b in zip(state(resumed), state(reference)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(state(resumed.optimizer), state(reference.optimizer), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_with_the_anchor_and_dropout_is_bitwise(tmp_path):
+    reference = train(make(0), [], anchor=True)
+    resumed = interrupted_and_resumed(tmp_path, anchor=True)
+    for a, b in zip(state(resumed), state(reference)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(resumed.reference.ref_weights, reference.reference.ref_weights):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+
+
+def test_without_the_seed_states_the_resumed_masks_differ(tmp_path, monkeypatch):
+    """The control: what Keras alone gives (the test above can fail)."""
+    reference = train(make(0), [])
+    monkeypatch.setattr(
+        "keras_rdrop.src.rdrop_model.save_seed_states", lambda model, store: None
+    )
+    resumed = interrupted_and_resumed(tmp_path)
+    weights = zip(resumed.model.weights, reference.model.weights)
+    assert any(not np.array_equal(to_numpy(a), to_numpy(b)) for a, b in weights)
+
+
+def test_checkpoints_hold_the_seed_states(tmp_path):
+    model = train(make(0), [], epochs=1)
+    (variable,) = seed_state.seed_states(model.model)
+    assert variable.shape == (2,)
+    assert keras.backend.standardize_dtype(variable.dtype) in (
+        "int32",
+        "uint32",
+        "int64",
+    )
+    # One draw per step in "concat" mode (both passes in one call).
+    np.testing.assert_array_equal(to_numpy(variable), [0, 6])
+    path = str(tmp_path / "w.weights.h5")
+    model.save_weights(path)
+    other = make(7)
+    other.optimizer.build(other.trainable_variables)
+    other.load_weights(path)
+    (loaded,) = seed_state.seed_states(other.model)
+    np.testing.assert_array_equal(to_numpy(loaded), [0, 6])
+    for a, b in zip(state(other), state(model)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_loaded_keras_file_continues_with_the_same_masks(tmp_path):
+    model = train(make(0), [], epochs=1)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    restored = keras.saving.load_model(path)
+    train(model, [], epochs=1)
+    train(restored, [], epochs=1)
+    for a, b in zip(state(restored), state(model)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_files_without_seed_states_still_load(tmp_path, monkeypatch):
+    model = train(make(0), [], epochs=1)
+    path = str(tmp_path / "old.weights.h5")
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            "keras_rdrop.src.rdrop_model.save_seed_states", lambda model, store: None
+        )
+        model.save_weights(path)
+    other = make(7)
+    other.optimizer.build(other.trainable_variables)
+    before = to_numpy(seed_state.seed_states(other.model)[0])
+    other.load_weights(path)
+    np.testing.assert_array_equal(
+        to_numpy(seed_state.seed_states(other.model)[0]), before
+    )
+    for a, b in zip(other.model.weights, model.model.weights):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+
+
+def test_a_file_from_another_architecture_is_an_error(tmp_path):
+    model = train(make(0, inner="unseeded"), [], epochs=1)  # two generators
+    path = str(tmp_path / "w.weights.h5")
+    model.save_weights(path)
+    store = {}
+    model.save_own_variables(store)
+    assert sorted(store) == ["seed_state_0", "seed_state_1"]
+    other = make(0)  # one generator
+    with pytest.raises(ValueError, match="holds 2 dropout seed states"):
+        other.load_own_variables(store)
+
+
+def test_backups_within_an_epoch_replay_the_epoch(tmp_path):
+    """Keras' `BackupAndRestore(save_freq=N)` resumes at the interrupted
+    epoch's first batch, from weights saved in its middle: the first batches
+    are trained twice, so only `save_freq="epoch"` resumes exactly."""
+    backup = str(tmp_path / "backup")
+    reference = train(make(0), [])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(
+            make(0),
+            [keras.callbacks.BackupAndRestore(backup, save_freq=2), Interrupt()],
+        )
+    resumed = train(make(7), [keras.callbacks.BackupAndRestore(backup, save_freq=2)])
+    # 3 epochs of 6 steps; the resumed run saved after 4 steps of epoch 1 and
+    # then ran epochs 1 and 2 in full.
+    assert int(to_numpy(reference.optimizer.iterations)) == 18
+    assert int(to_numpy(resumed.optimizer.iterations)) == 6 + 4 + 12
