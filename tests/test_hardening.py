@@ -65,10 +65,9 @@ def test_same_seed_gives_identical_history():
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     """Killed mid-epoch, resumed from the last epoch's backup: same end state.
 
-    Keras checkpoints weights and optimizer state but not the state of
-    dropout's seed generators, so a resumed run with dropout draws other
-    masks than the uninterrupted one. The comparison is exact only without
-    dropout: here the anchor (`alpha=0`, beta > 0) on a deterministic model.
+    Here the anchor (`alpha=0`, beta > 0) on a deterministic model; with
+    dropout, RDropModel also restores the seed generators' states, tested in
+    test_exact_resume.py.
     """
     x, y = classification_data(n=96)
 
