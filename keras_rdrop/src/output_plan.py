@@ -20,6 +20,7 @@ from typing import Any
 
 import keras
 
+from keras_rdrop.src.alpha_schedule import plan_alpha
 from keras_rdrop.src.consistency_terms import ConsistencyTerm
 from keras_rdrop.src.keras_internals import loss_function_kwargs
 from keras_rdrop.src.prediction_checks import (
@@ -184,7 +185,9 @@ class OutputEntry:
         name: The output's name.
         term: How two predictions of it are compared, or `None` for an
             output that gets no consistency term (and no reference KL).
-        alpha: Its R-Drop weight (0 for outputs left out of an `alpha` dict).
+        alpha: Its R-Drop weight (0 for outputs left out of an `alpha` dict;
+            1 for a scheduled output, whose weight RDropModel applies in
+            the step: `alpha_schedule`).
         loss: The compiled loss of this output.
     """
 
@@ -257,7 +260,13 @@ def build_plan(
                     "Pass `from_logits=True` (or False, or a dict keyed by "
                     "output name) to RDropModel."
                 )
-            check_output_activation(activation, logits, name)
+            check_output_activation(
+                activation,
+                logits,
+                name,
+                declared_by=_declared_by(loss_i, override),
+                loss_name=kind.loss_name,
+            )
             term = ConsistencyTerm(
                 "distribution",
                 from_logits=logits,
@@ -265,6 +274,17 @@ def build_plan(
             )
         entries.append(OutputEntry(name, term, alpha_i, loss_i))
     return tuple(entries)
+
+
+def _declared_by(loss: Any, override: bool | None) -> str:
+    """Where an output's `from_logits` comes from, for error messages."""
+    if override is not None:
+        return f"RDropModel(from_logits={override!r})"
+    if isinstance(loss, str):
+        return (
+            f"the compiled loss {loss!r}: Keras' string losses take probabilities"
+        )
+    return f"the compiled loss {type(loss).__name__}"
 
 
 class PlanCache:
@@ -297,6 +317,7 @@ class PlanCache:
                 repr(model.alpha),
                 repr(model.from_logits),
                 model.regression_consistency,
+                model.check_output_activation,
             )
         )
         plan = None if traced else self._plans.get(key)
@@ -305,10 +326,10 @@ class PlanCache:
                 model.loss,
                 y_pred,
                 getattr(inner, "output_names", None),
-                model.alpha,
+                plan_alpha(model.alpha),
                 model.from_logits,
                 model.regression_consistency,
-                output_activations(inner),
+                output_activations(inner) if model.check_output_activation else None,
             )
             if not traced:
                 self._plans[key] = plan

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from typing import Any
 
 import keras
 from keras import ops
 
+from keras_rdrop.src.alpha_schedule import (
+    CurrentValue,
+    deserialize_alpha,
+    is_scheduled,
+    log_names,
+    scale_by_schedule,
+    schedule_value,
+    serialize_alpha,
+    validate_alpha,
+    weigh_consistency,
+)
 from keras_rdrop.src.consistency_terms import (
     copy_sample_weight,
     pairwise_consistency,
@@ -21,6 +31,7 @@ from keras_rdrop.src.keras_internals import (
     get_keras_mask,
     set_keras_mask,
 )
+from keras_rdrop.src.label_checks import check_labels
 from keras_rdrop.src.output_plan import PlanCache
 from keras_rdrop.src.reference_snapshot import ReferenceSnapshot
 
@@ -38,20 +49,8 @@ _STOCHASTIC_TYPES = (
 
 
 def _validate_alpha(alpha: Any, name: str = "alpha"):
-    if isinstance(alpha, dict):
-        return {k: _validate_alpha(v, f"{name}[{k!r}]") for k, v in alpha.items()}
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, numbers.Real)
-        or not alpha >= 0
-        or alpha == float("inf")
-    ):
-        error = TypeError if not isinstance(alpha, numbers.Real) else ValueError
-        raise error(
-            f"`{name}` should be a non-negative float (or a dict of them keyed by "
-            f"output name). Received: {name}={alpha!r}"
-        )
-    return float(alpha)
+    """A float, a schedule, or a dict of them (`alpha_schedule.validate_alpha`)."""
+    return validate_alpha(alpha, name)
 
 
 def has_stochastic_layer(model: keras.Model) -> bool:
@@ -109,14 +108,34 @@ class RDropModel(TaskPreprocessingModel):
     The training logs show `loss` (the total), `task_loss` (the task loss
     averaged over the two passes), `kl_loss` (the unweighted consistency term,
     summed over outputs) and the compiled metrics, computed on the first pass.
+    A scheduled `alpha` adds its value at the step to the logs: `alpha`, or
+    `alpha_<output>` for each scheduled entry of an `alpha` dict (a float
+    `alpha` is not logged).
+
+    Mistakes stop the first training step with a `ValueError` that says how
+    to fix them: a declaration (`from_logits`) that contradicts the output
+    layer's activation, probabilities declared on values outside [0, 1], and
+    one-hot labels given to a sparse loss (or integer labels to a
+    categorical one).
 
     Args:
         model: The `keras.Model` to train: Sequential, functional (any input
             and output structure), subclassed or a keras-hub task.
-        alpha: Weight of the consistency term: a non-negative float, or a dict
-            keyed by output name (outputs left out get 0). `alpha=0` skips the
-            second pass, so the model trains exactly like plain `fit`.
-            Defaults to `1.0`.
+        alpha: Weight of the consistency term: a non-negative float, a
+            schedule of the training step (a
+            `keras.optimizers.schedules.LearningRateSchedule` such as
+            `PiecewiseConstantDecay` or `PolynomialDecay`, or a callable of
+            the step written with `keras.ops`), or a dict of them keyed by
+            output name (outputs left out get 0). `alpha=0` skips the second
+            pass, so the model trains exactly like plain `fit`. A schedule is
+            called inside the training step with the step as a scalar int32
+            tensor (like a learning-rate schedule) and should return a
+            non-negative float; the step counts this model's training steps
+            (`alpha_step`, saved with its weights, kept across `fit` and
+            `compile` calls). With a schedule the second pass always runs,
+            even where the schedule is 0. Only float and
+            `LearningRateSchedule` weights can be serialized (`get_config`,
+            `model.save`). Defaults to `1.0`.
         mode: `"sequential"` runs the inner model twice; `"concat"` runs it
             once on the batch concatenated with itself (`[x; x]`, as the
             R-Drop paper does) and splits the output. The math is the same;
@@ -131,13 +150,22 @@ class RDropModel(TaskPreprocessingModel):
             Required for outputs whose loss is a custom callable. Defaults to
             `None` (read from the loss). A declaration that contradicts the
             output layer's activation (a softmax output declared as logits, an
-            output with no activation declared as probabilities) gives one
-            `UserWarning` at the first training step; on torch, and with
+            output with no activation declared as probabilities, such as a
+            logits model compiled with the string loss
+            `"sparse_categorical_crossentropy"`) raises a `ValueError` at the
+            first training step, naming both fixes. On torch, and with
             `run_eagerly=True` on TensorFlow, the first step's values are
-            checked too (see `kl_divergence`).
+            checked too: declared probabilities outside [0, 1] raise a
+            `ValueError`; declared logits that look like probabilities give
+            one `UserWarning` (a heuristic: logits may lie in [0, 1]).
         regression_consistency: Whether outputs with a regression loss (MSE,
             MAE, Huber, ...) get a mean-squared-difference term between the
             passes. Defaults to `False`.
+        check_output_activation: Whether a `from_logits` declaration that
+            contradicts the output layer's activation raises. Set it to
+            `False` only for an output layer that emits probabilities without
+            a softmax/sigmoid activation (a custom layer normalizing in its
+            `call`), or logits despite one. Defaults to `True`.
         **kwargs: Passed to `keras.Model` (`name`, `trainable`, ...).
 
     Example:
@@ -165,6 +193,22 @@ class RDropModel(TaskPreprocessingModel):
     model.model.save("inner.keras")  # serve without keras-rdrop
     ```
 
+    A warm-up: `alpha` rises linearly from 0 to 1 over the first 100 steps,
+    and the logs show its value.
+
+    ```python
+    warm_up = keras.optimizers.schedules.PolynomialDecay(
+        initial_learning_rate=0.0, decay_steps=100, end_learning_rate=1.0
+    )
+    model = RDropModel(inner, alpha=warm_up)
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    history = model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    history.history["alpha"]  # [0.01]: the value at step 1 (0-based)
+    ```
+
     Reference:
         Liang et al., "R-Drop: Regularized Dropout for Neural Networks",
         NeurIPS 2021.
@@ -177,6 +221,7 @@ class RDropModel(TaskPreprocessingModel):
         mode: str = "concat",
         from_logits: bool | dict | None = None,
         regression_consistency: bool = False,
+        check_output_activation: bool = True,
         **kwargs,
     ):
         if not isinstance(model, keras.Model):
@@ -204,14 +249,34 @@ class RDropModel(TaskPreprocessingModel):
                 "`regression_consistency` should be a bool. Received: "
                 f"regression_consistency={regression_consistency!r}"
             )
+        if not isinstance(check_output_activation, bool):
+            raise TypeError(
+                "`check_output_activation` should be a bool. Received: "
+                f"check_output_activation={check_output_activation!r}"
+            )
+        alpha = _validate_alpha(alpha)
         super().__init__(**kwargs)
         self.model = model
-        self.alpha = _validate_alpha(alpha)
+        self.alpha = alpha
         self.mode = mode
         self.from_logits = from_logits
         self.regression_consistency = regression_consistency
+        self.check_output_activation = check_output_activation
         self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
         self.task_loss_tracker = keras.metrics.Mean(name="task_loss")
+        # A scheduled alpha: the step counter it is evaluated at, and one
+        # logged value per schedule. Only then, so that models with a float
+        # alpha keep exactly their variables (and old files load).
+        self._alpha_schedules = log_names(alpha)
+        if self._alpha_schedules:
+            self.alpha_step = keras.Variable(
+                0,
+                dtype="int32",
+                trainable=False,
+                aggregation="only_first_replica",
+                name="alpha_step",
+            )
+            self.alpha_trackers = [CurrentValue(name) for name in self._alpha_schedules]
         # Filled by `ReferenceKLRegularizer`; holds no variables until then.
         self.reference = ReferenceSnapshot(name="reference")
         self._plans = PlanCache()
@@ -234,9 +299,31 @@ class RDropModel(TaskPreprocessingModel):
             )
 
     def _rdrop_enabled(self) -> bool:
+        # A schedule may be 0 now and positive later: the second pass runs.
+        if is_scheduled(self.alpha):
+            return True
         if isinstance(self.alpha, dict):
             return any(a > 0 for a in self.alpha.values())
         return self.alpha > 0
+
+    def _current_alphas(self) -> dict:
+        """Each schedule's value at this training step; advances the step.
+
+        Read from and written to `alpha_step` inside the step, so it is
+        correct traced on every backend (on JAX the counter is threaded
+        through the stateless step as a non-trainable variable).
+        """
+        if not self._alpha_schedules:
+            return {}
+        step = ops.convert_to_tensor(self.alpha_step)
+        current = {}
+        for tracker, (name, schedule) in zip(
+            self.alpha_trackers, self._alpha_schedules.items()
+        ):
+            current[name] = schedule_value(schedule, step, name)
+            tracker.update_state(current[name])
+        self.alpha_step.assign_add(1)
+        return current
 
     def compile(
         self, optimizer="rmsprop", loss=None, loss_weights=None, *args, **kwargs
@@ -317,13 +404,14 @@ class RDropModel(TaskPreprocessingModel):
             y_pred_1 = y_pred
             y_pred_2 = self.model(x, training=True) if self._rdrop_enabled() else None
         plan = self._plans.get(self, y_pred_1)
+        check_labels(plan, y, y_pred_1)
         batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
         consistency = None
         if y_pred_2 is None:
             task_loss = self._task_loss(x, y, y_pred_1, sample_weight)
         else:
             task_loss, consistency = self._two_pass_loss(
-                plan, x, y, y_pred_1, y_pred_2, sample_weight
+                plan, x, y, y_pred_1, y_pred_2, sample_weight, self._current_alphas()
             )
         total = task_loss
         if consistency is not None:
@@ -349,24 +437,37 @@ class RDropModel(TaskPreprocessingModel):
             x, y, y_pred, copy_sample_weight(sample_weight), training=True
         )
 
-    def _two_pass_loss(self, plan, x, y, y_pred_1, y_pred_2, sample_weight):
+    def _two_pass_loss(
+        self, plan, x, y, y_pred_1, y_pred_2, sample_weight, current_alphas=None
+    ):
         """The mean task loss of both passes, and their consistency terms.
 
         The fused language-model path (`FusedLanguageModelLoss`) computes
         both in one chunked pass where it applies; the general path runs
         Keras' compiled loss on each pass and adds `pairwise_consistency`.
+        `current_alphas` holds each schedule's value at this step
+        (`_current_alphas`); scheduled outputs are weighted by it.
         """
+        current_alphas = current_alphas or {}
         fused = FusedLanguageModelLoss()
         args = (self.loss, self._loss_weights)
         if fused.applies(plan, *args, y, y_pred_1, y_pred_2, sample_weight):
-            return fused.compute(
+            task_loss, consistency = fused.compute(
                 plan, *args, self.losses, y, y_pred_1, y_pred_2, sample_weight
+            )
+            return task_loss, scale_by_schedule(
+                consistency, plan, self.alpha, current_alphas
             )
         task_loss = 0.5 * (
             self._task_loss(x, y, y_pred_1, sample_weight)
             + self._task_loss(x, y, y_pred_2, sample_weight)
         )
-        return task_loss, pairwise_consistency(plan, y_pred_1, y_pred_2, sample_weight)
+        return task_loss, weigh_consistency(
+            plan,
+            self.alpha,
+            current_alphas,
+            lambda p: pairwise_consistency(p, y_pred_1, y_pred_2, sample_weight),
+        )
 
     def _consistency(self, y_pred_1, y_pred_2, sample_weight):
         """The general path's consistency terms between two given passes."""
@@ -381,7 +482,8 @@ class RDropModel(TaskPreprocessingModel):
         results = super().compute_metrics(x, y, y_pred, sample_weight)
         if not self._in_training_step:
             # `evaluate` reports exactly what the inner model would.
-            results = {k: v for k, v in results.items() if k not in _OWN_LOG_NAMES}
+            own = set(_OWN_LOG_NAMES) | set(self._alpha_schedules)
+            results = {k: v for k, v in results.items() if k not in own}
         else:
             if not self.reference.active:
                 results.pop("ref_kl", None)
@@ -396,10 +498,11 @@ class RDropModel(TaskPreprocessingModel):
         config.update(
             {
                 "model": keras.saving.serialize_keras_object(self.model),
-                "alpha": self.alpha,
+                "alpha": serialize_alpha(self.alpha),
                 "mode": self.mode,
                 "from_logits": self.from_logits,
                 "regression_consistency": self.regression_consistency,
+                "check_output_activation": self.check_output_activation,
             }
         )
         return config
@@ -410,4 +513,6 @@ class RDropModel(TaskPreprocessingModel):
         config["model"] = keras.saving.deserialize_keras_object(
             config["model"], custom_objects=custom_objects
         )
+        if "alpha" in config:
+            config["alpha"] = deserialize_alpha(config["alpha"], custom_objects)
         return cls(**config)
