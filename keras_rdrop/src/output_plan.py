@@ -26,6 +26,7 @@ from keras_rdrop.src.keras_internals import loss_function_kwargs
 from keras_rdrop.src.prediction_checks import (
     check_output_activation,
     output_activations,
+    output_layer_names,
     values_readable,
 )
 
@@ -209,6 +210,7 @@ def build_plan(
     from_logits: Any,
     regression_consistency: bool,
     activations: list | None = None,
+    layer_names: list | None = None,
 ) -> tuple[OutputEntry, ...]:
     """Resolves every output's consistency term, in `keras.tree.flatten` order.
 
@@ -221,6 +223,8 @@ def build_plan(
         regression_consistency: Whether regression outputs get an MSE term.
         activations: The output layers' activations (`output_activations`),
             to check against the declarations; `None` skips the check.
+        layer_names: The output layers' names (`output_layer_names`), for
+            the check's messages, or `None`.
 
     Returns:
         A tuple of `OutputEntry`, one per output.
@@ -235,9 +239,11 @@ def build_plan(
         overrides = flatten_like_outputs(from_logits, names, "from_logits")
     if activations is None or len(activations) != len(names):
         activations = [None] * len(names)
+    if layer_names is None or len(layer_names) != len(names):
+        layer_names = [None] * len(names)
     entries = []
-    for name, loss_i, alpha_i, override, activation in zip(
-        names, losses, alphas, overrides, activations
+    for name, loss_i, alpha_i, override, activation, layer_name in zip(
+        names, losses, alphas, overrides, activations, layer_names
     ):
         kind = describe_loss(loss_i)
         logits = kind.from_logits if override is None else override
@@ -266,6 +272,7 @@ def build_plan(
                 name,
                 declared_by=_declared_by(loss_i, override),
                 loss_name=kind.loss_name,
+                layer_name=layer_name,
             )
             term = ConsistencyTerm(
                 "distribution",
@@ -330,6 +337,7 @@ class PlanCache:
                 model.from_logits,
                 model.regression_consistency,
                 output_activations(inner) if model.check_output_activation else None,
+                output_layer_names(inner),
             )
             if not traced:
                 self._plans[key] = plan

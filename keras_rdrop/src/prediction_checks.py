@@ -175,6 +175,15 @@ def output_activations(model: keras.Model) -> list[str | None]:
     return names
 
 
+def output_layer_names(model: keras.Model) -> list[str | None]:
+    """The name of each output's layer, like `output_activations`."""
+    outputs = getattr(model, "outputs", None)
+    if not outputs:
+        return []
+    layers = [output_layer(t) for t in keras.tree.flatten(outputs)]
+    return [None if layer is None else layer.name for layer in layers]
+
+
 def _activation_name(layer) -> str | None:
     if layer is None:
         return None
@@ -195,6 +204,7 @@ def check_output_activation(
     output_name: str,
     declared_by: str = "the compiled loss or RDropModel",
     loss_name: str | None = None,
+    layer_name: str | None = None,
 ) -> None:
     """Raises a `ValueError` if an output's activation contradicts `from_logits`.
 
@@ -207,16 +217,21 @@ def check_output_activation(
             (`"the compiled loss 'sparse_categorical_crossentropy'"`).
         loss_name: The compiled loss's snake-case name, to name the loss
             class of the fix; `None` for a generic fix.
+        layer_name: The output layer's name, for the message.
     """
     if activation is None:
         return
+    if layer_name is not None and layer_name != output_name:
+        output_name = f"{output_name!r} (layer {layer_name!r})"
+    else:
+        output_name = repr(output_name)
     opt_out = (
         "If this output really holds {what} despite its activation (a custom "
         "layer), pass check_output_activation=False to RDropModel."
     )
     if from_logits and activation in _PROBABILITY_ACTIVATIONS:
         raise ValueError(
-            f"Output {output_name!r} is declared as logits (from_logits=True, "
+            f"Output {output_name} is declared as logits (from_logits=True, "
             f"from {declared_by}), but its layer ends in a {activation} "
             "activation, so it emits probabilities: the loss and the KL would "
             "treat probabilities as logits. Fix one of the two: (1) remove the "
@@ -228,7 +243,7 @@ def check_output_activation(
     if not from_logits and activation == "linear":
         binary = loss_name is not None and "binary" in loss_name
         raise ValueError(
-            f"Output {output_name!r} is declared as probabilities "
+            f"Output {output_name} is declared as probabilities "
             f"(from_logits=False, from {declared_by}), but its layer has no "
             "activation, so it emits logits: training would log `loss: inf` "
             "and `kl_loss: inf` (or NaN). Fix one of the two: (1) declare "

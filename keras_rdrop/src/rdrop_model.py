@@ -31,7 +31,7 @@ from keras_rdrop.src.keras_internals import (
     get_keras_mask,
     set_keras_mask,
 )
-from keras_rdrop.src.label_checks import check_labels
+from keras_rdrop.src.label_checks import LabelCheck
 from keras_rdrop.src.output_plan import PlanCache
 from keras_rdrop.src.reference_snapshot import ReferenceSnapshot
 
@@ -280,6 +280,7 @@ class RDropModel(TaskPreprocessingModel):
         # Filled by `ReferenceKLRegularizer`; holds no variables until then.
         self.reference = ReferenceSnapshot(name="reference")
         self._plans = PlanCache()
+        self._check_labels = LabelCheck()
         self._loss_weights = None
         # Keras calls `compute_metrics` without a `training` argument, after
         # `compute_loss`: the one flag, set there, that says which step it is.
@@ -396,6 +397,12 @@ class RDropModel(TaskPreprocessingModel):
                 "`(x, y)` or `(x, y, sample_weight)` batches (or pass `y=` to "
                 "`fit`)."
             )
+        if y is not None and self.loss is not None:
+            # Also before the first step: Keras' symbolic build at the start
+            # of `fit` computes the loss (training=False) on one pass.
+            one_pass = self._split(y_pred)[0] if self._stacks(training) else y_pred
+            output_names = getattr(self.model, "output_names", None)
+            self._check_labels(self.loss, y, one_pass, output_names)
         if not training:
             return super().compute_loss(x, y, y_pred, sample_weight, training=False)
         if self._stacks(training):
@@ -404,7 +411,6 @@ class RDropModel(TaskPreprocessingModel):
             y_pred_1 = y_pred
             y_pred_2 = self.model(x, training=True) if self._rdrop_enabled() else None
         plan = self._plans.get(self, y_pred_1)
-        check_labels(plan, y, y_pred_1)
         batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
         consistency = None
         if y_pred_2 is None:
