@@ -288,9 +288,7 @@ def _declared_by(loss: Any, override: bool | None) -> str:
     if override is not None:
         return f"RDropModel(from_logits={override!r})"
     if isinstance(loss, str):
-        return (
-            f"the compiled loss {loss!r}: Keras' string losses take probabilities"
-        )
+        return f"the compiled loss {loss!r}: Keras' string losses take probabilities"
     return f"the compiled loss {type(loss).__name__}"
 
 
