@@ -201,3 +201,18 @@ def test_bad_schedules_are_refused_at_construction(schedule, error, match):
         RDropModel(mlp(), alpha=schedule)
     with pytest.raises(error, match=r"alpha\['output_0'\]"):
         RDropModel(mlp(), alpha={"output_0": schedule})
+
+
+def test_python_control_flow_on_the_step_fails_clearly_where_the_step_is_traced():
+    # `min` compares the step with a float: fine on an eager tensor (torch's
+    # trainer runs the step eagerly), impossible on a traced one (jit,
+    # tf.function), where the error says to use keras.ops.
+    x, y = classification_data(n=32)
+    model = RDropModel(mlp(), alpha=lambda step: min(1.0, step / 2))
+    model.compile(optimizer="adam", loss=sparse_ce())
+    if keras.backend.backend() == "torch":
+        history = model.fit(x, y, batch_size=32, epochs=3, verbose=0).history
+        assert_allclose(history["alpha"], [0.0, 0.5, 1.0])
+        return
+    with pytest.raises(TypeError, match=r"write the callable with keras.ops"):
+        model.fit(x, y, batch_size=32, epochs=1, verbose=0)
