@@ -96,6 +96,33 @@ def schedule_value(schedule, step, name: str = "alpha"):
     return value
 
 
+def step_counter():
+    """The non-trainable int32 counter of training steps a schedule reads."""
+    return keras.Variable(
+        0,
+        dtype="int32",
+        trainable=False,
+        aggregation="only_first_replica",
+        name="alpha_step",
+    )
+
+
+def advance(step_variable, schedules: dict, trackers: list) -> dict:
+    """Each schedule's value at this step (logged by `trackers`); counts it.
+
+    Read from and written to `step_variable` inside the step, so it is
+    correct traced on every backend (on JAX the counter, a non-trainable
+    variable of the model, is threaded through the stateless step).
+    """
+    step = ops.convert_to_tensor(step_variable)
+    current = {}
+    for tracker, (name, schedule) in zip(trackers, schedules.items()):
+        current[name] = schedule_value(schedule, step, name)
+        tracker.update_state(current[name])
+    step_variable.assign_add(1)
+    return current
+
+
 def is_scheduled(alpha: Any) -> bool:
     """Whether any weight of `alpha` (a validated alpha) is a schedule."""
     if isinstance(alpha, dict):

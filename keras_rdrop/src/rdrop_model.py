@@ -10,12 +10,13 @@ from keras import ops
 
 from keras_rdrop.src.alpha_schedule import (
     CurrentValue,
+    advance,
     deserialize_alpha,
     is_scheduled,
     log_names,
     scale_by_schedule,
-    schedule_value,
     serialize_alpha,
+    step_counter,
     validate_alpha,
     weigh_consistency,
 )
@@ -113,10 +114,9 @@ class RDropModel(TaskPreprocessingModel):
     `alpha` is not logged).
 
     Mistakes stop the first training step with a `ValueError` that says how
-    to fix them: a declaration (`from_logits`) that contradicts the output
-    layer's activation, probabilities declared on values outside [0, 1], and
-    one-hot labels given to a sparse loss (or integer labels to a
-    categorical one).
+    to fix them: a `from_logits` that contradicts the output's activation or
+    (read where eager) its values, and one-hot labels given to a sparse loss
+    or integer labels to a categorical one.
 
     Args:
         model: The `keras.Model` to train: Sequential, functional (any input
@@ -128,14 +128,11 @@ class RDropModel(TaskPreprocessingModel):
             the step written with `keras.ops`), or a dict of them keyed by
             output name (outputs left out get 0). `alpha=0` skips the second
             pass, so the model trains exactly like plain `fit`. A schedule is
-            called inside the training step with the step as a scalar int32
-            tensor (like a learning-rate schedule) and should return a
-            non-negative float; the step counts this model's training steps
-            (`alpha_step`, saved with its weights, kept across `fit` and
-            `compile` calls). With a schedule the second pass always runs,
-            even where the schedule is 0. Only float and
-            `LearningRateSchedule` weights can be serialized (`get_config`,
-            `model.save`). Defaults to `1.0`.
+            called in the training step with the step (this model's training
+            steps so far, `alpha_step`, saved with it) as a scalar int32
+            tensor, like a learning-rate schedule; with one, the second pass
+            always runs, even where it is 0. Plain callables cannot be
+            serialized (`get_config`). Defaults to `1.0`.
         mode: `"sequential"` runs the inner model twice; `"concat"` runs it
             once on the batch concatenated with itself (`[x; x]`, as the
             R-Drop paper does) and splits the output. The math is the same;
@@ -191,12 +188,8 @@ class RDropModel(TaskPreprocessingModel):
     history = model.fit(x, y, epochs=1, verbose=0)
     sorted(history.history)  # ['accuracy', 'kl_loss', 'loss', 'task_loss']
     model.model.save("inner.keras")  # serve without keras-rdrop
-    ```
 
-    A warm-up: `alpha` rises linearly from 0 to 1 over the first 100 steps,
-    and the logs show its value.
-
-    ```python
+    # A warm-up: alpha rises linearly from 0 to 1 over 100 steps, logged.
     warm_up = keras.optimizers.schedules.PolynomialDecay(
         initial_learning_rate=0.0, decay_steps=100, end_learning_rate=1.0
     )
@@ -206,7 +199,7 @@ class RDropModel(TaskPreprocessingModel):
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     history = model.fit(x, y, batch_size=32, epochs=1, verbose=0)
-    history.history["alpha"]  # [0.01]: the value at step 1 (0-based)
+    history.history["alpha"]  # ~[0.01]: the value at the last step (step 1)
     ```
 
     Reference:
@@ -269,13 +262,7 @@ class RDropModel(TaskPreprocessingModel):
         # alpha keep exactly their variables (and old files load).
         self._alpha_schedules = log_names(alpha)
         if self._alpha_schedules:
-            self.alpha_step = keras.Variable(
-                0,
-                dtype="int32",
-                trainable=False,
-                aggregation="only_first_replica",
-                name="alpha_step",
-            )
+            self.alpha_step = step_counter()
             self.alpha_trackers = [CurrentValue(name) for name in self._alpha_schedules]
         # Filled by `ReferenceKLRegularizer`; holds no variables until then.
         self.reference = ReferenceSnapshot(name="reference")
@@ -308,23 +295,10 @@ class RDropModel(TaskPreprocessingModel):
         return self.alpha > 0
 
     def _current_alphas(self) -> dict:
-        """Each schedule's value at this training step; advances the step.
-
-        Read from and written to `alpha_step` inside the step, so it is
-        correct traced on every backend (on JAX the counter is threaded
-        through the stateless step as a non-trainable variable).
-        """
+        """Each schedule's value at this training step; advances the step."""
         if not self._alpha_schedules:
             return {}
-        step = ops.convert_to_tensor(self.alpha_step)
-        current = {}
-        for tracker, (name, schedule) in zip(
-            self.alpha_trackers, self._alpha_schedules.items()
-        ):
-            current[name] = schedule_value(schedule, step, name)
-            tracker.update_state(current[name])
-        self.alpha_step.assign_add(1)
-        return current
+        return advance(self.alpha_step, self._alpha_schedules, self.alpha_trackers)
 
     def compile(
         self, optimizer="rmsprop", loss=None, loss_weights=None, *args, **kwargs
