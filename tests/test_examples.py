@@ -190,6 +190,9 @@ def test_demo_tiny(examples, digits_csv, tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "[mnist] seed 2/2" in printed and "[forgetting] seed 1/1" in printed
+    # No metric that does not apply is printed as nan (beta=0 has no ref_kl).
+    assert "nan" not in printed.lower(), printed
+    assert "beta=0    original" in printed and "no anchor" in printed
     names = sorted(Path(p).name for p in out["figures"])
     assert names == [
         "forgetting_tradeoff.png",

@@ -1,8 +1,9 @@
-"""Logits declared as probabilities and the reverse: warned once, before harm.
+"""Logits declared as probabilities and the reverse: stopped or warned, before harm.
 
-README, "What happens if": probabilities that do not sum to 1 or leave [0, 1],
-softmax values passed as logits, and a model output whose activation
-contradicts the compiled loss.
+README, "What happens if": probabilities that leave [0, 1] and a model output
+whose activation contradicts the compiled loss raise a `ValueError` (certain
+mistakes); probabilities that do not sum to 1 and softmax values passed as
+logits warn once (heuristics).
 """
 
 import warnings
@@ -68,14 +69,15 @@ def test_probabilities_that_do_not_sum_to_one_warn_once(fn):
     no_warning(lambda: fn(p, q, from_logits=False))  # once per process
 
 
-def test_logits_declared_as_probabilities_warn():
-    with pytest.warns(UserWarning, match=r"outside \[0, 1\].*from_logits=True"):
-        kl_divergence(logits(0), logits(1), from_logits=False)
+def test_logits_declared_as_probabilities_raise_every_time():
+    for _ in range(2):  # not once per process: a certain mistake
+        with pytest.raises(ValueError, match=r"outside \[0, 1\].*from_logits=True"):
+            kl_divergence(logits(0), logits(1), from_logits=False)
 
 
-def test_bernoulli_probabilities_outside_unit_range_warn():
+def test_bernoulli_probabilities_outside_unit_range_raise():
     p = logits(0, (8, 1))
-    with pytest.warns(UserWarning, match=r"outside \[0, 1\]"):
+    with pytest.raises(ValueError, match=r"`p` was declared as probabilities"):
         kl_divergence(p, np.full_like(p, 0.5), from_logits=False)
 
 
@@ -117,22 +119,100 @@ def softmax_mlp():
 @pytest.mark.parametrize(
     "build, loss, match",
     [
-        (softmax_mlp, sparse_ce(from_logits=True), "softmax activation"),
-        (mlp, "sparse_categorical_crossentropy", "no activation"),
+        (
+            softmax_mlp,
+            sparse_ce(from_logits=True),
+            r"Output 'output_0' \(layer 'dense_1'\) is declared as logits "
+            r"\(from_logits=True, from the compiled loss "
+            r"SparseCategoricalCrossentropy\), but its layer ends "
+            r"in a softmax activation.*\(1\) remove the softmax.*\(2\) declare "
+            r"probabilities: compile with keras.losses.SparseCategoricalCrossentropy"
+            r"\(from_logits=False\).*check_output_activation=False",
+        ),
+        (
+            mlp,
+            "sparse_categorical_crossentropy",
+            r"Output 'output_0' \(layer 'dense_1'\) is declared as probabilities "
+            r"\(from_logits=False, from the compiled loss "
+            r"'sparse_categorical_crossentropy': Keras' "
+            r"string losses take probabilities\), but its layer has no "
+            r"activation, so it emits logits.*\(1\) declare logits: compile with "
+            r"keras.losses.SparseCategoricalCrossentropy\(from_logits=True\).*"
+            r"\(2\) add activation='softmax'.*check_output_activation=False",
+        ),
+        (
+            mlp,
+            keras.losses.BinaryCrossentropy(),
+            r"declared as probabilities.*BinaryCrossentropy\(from_logits=True\)"
+            r".*add activation='sigmoid'",
+        ),
     ],
-    ids=["softmax-as-logits", "logits-as-probabilities"],
+    ids=["softmax-as-logits", "logits-as-probabilities", "binary"],
 )
-def test_rdrop_model_warns_when_the_output_activation_contradicts_the_loss(
-    build, loss, match
+@pytest.mark.parametrize("alpha", [1.0, 0.0])
+def test_rdrop_model_raises_when_the_output_activation_contradicts_the_loss(
+    build, loss, match, alpha
 ):
     x, y = classification_data()
-    model = RDropModel(build(), alpha=1.0)
+    if isinstance(loss, keras.losses.BinaryCrossentropy):
+        y = (y == 0).astype("float32")[:, None] * np.ones((1, 3), "float32")
+    model = RDropModel(build(), alpha=alpha)
     model.compile(optimizer="adam", loss=loss)
-    messages = declaration_warnings(
-        lambda: model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    batches = []
+    count = keras.callbacks.LambdaCallback(on_train_batch_end=batches.append)
+    with warnings.catch_warnings():
+        # TensorFlow's own cross-entropy warns about a softmax output with
+        # from_logits=True, and trains on.
+        warnings.filterwarnings("ignore", message=".*produced by a Softmax")
+        # Evaluation checks no declaration: it reports what the inner model
+        # would.
+        model.evaluate(x, y, verbose=0)
+        with pytest.raises(ValueError, match=match):
+            model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[count])
+    assert batches == []  # stopped before the first step ended
+
+
+class NormalizingDense(keras.layers.Dense):
+    """A Dense layer with no activation that emits probabilities all the same."""
+
+    def call(self, inputs):
+        return keras.ops.softmax(super().call(inputs))
+
+
+def normalizing_mlp():
+    return keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dropout(0.3),
+            NormalizingDense(3),
+        ]
     )
-    # One warning for the one mistake (the value check does not repeat it).
-    assert len(messages) == 1 and match in messages[0], messages
+
+
+def test_check_output_activation_false_trains_a_custom_probability_layer():
+    x, y = classification_data()
+    model = RDropModel(normalizing_mlp(), alpha=1.0)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    with pytest.raises(ValueError, match="check_output_activation=False"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    model = RDropModel(normalizing_mlp(), alpha=1.0, check_output_activation=False)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    history = no_warning(lambda: model.fit(x, y, batch_size=16, epochs=2, verbose=0))
+    logs = history.history
+    assert np.all(np.isfinite(logs["loss"])) and np.all(np.isfinite(logs["kl_loss"]))
+    assert logs["kl_loss"][-1] > 0
+    config = model.get_config()
+    assert config["check_output_activation"] is False
+    clone = RDropModel.from_config(
+        config, custom_objects={"NormalizingDense": NormalizingDense}
+    )
+    assert clone.check_output_activation is False
+
+
+def test_check_output_activation_must_be_a_bool():
+    with pytest.raises(TypeError, match="Received: check_output_activation='no'"):
+        RDropModel(mlp(), check_output_activation="no")
 
 
 class SubclassedSoftmax(keras.Model):
@@ -168,6 +248,30 @@ def test_eager_training_reads_the_first_batch_of_a_subclassed_model():
         lambda: model.fit(x, y, batch_size=16, epochs=2, verbose=0)
     )
     assert len(messages) == 1 and "look like probabilities" in messages[0], messages
+
+
+class SubclassedLogits(SubclassedSoftmax):
+    def call(self, x, training=False):
+        return self.out(self.dropout(self.hidden(x), training=training))
+
+
+def test_eager_training_raises_on_logits_of_a_subclassed_model_declared_probabilities():
+    # Values outside [0, 1] declared as probabilities are certain: an error.
+    # Read where values can be read (see the test above for JAX).
+    if keras.backend.backend() == "jax":
+        pytest.skip(
+            "JAX computes the loss under jax.value_and_grad even with "
+            "run_eagerly=True, so the predictions are tracers whose values "
+            "cannot be read; on JAX only the output-activation check runs "
+            "(README, 'What happens if')."
+        )
+    x, y = classification_data()
+    model = RDropModel(SubclassedLogits(), alpha=1.0)
+    model.compile(
+        optimizer="adam", loss="sparse_categorical_crossentropy", run_eagerly=True
+    )
+    with pytest.raises(ValueError, match=r"declared as probabilities.*outside"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0)
 
 
 def test_correct_declarations_train_without_warnings():

@@ -183,10 +183,10 @@ def kl_divergence(p, q, from_logits: bool = True, axis: int = -1, distribution="
         q: Predictions of the second distribution, the same shape as `p`.
         from_logits: Whether `p` and `q` are logits (`True`) or probabilities
             (`False`). Probabilities may contain exact zeros. The first eager
-            call with each declaration reads the values and warns once if they
-            contradict it: probabilities outside [0, 1] or (categorical) not
-            summing to 1, or logits that look like a softmax output. Defaults
-            to `True`.
+            call with each declaration reads the values: probabilities outside
+            [0, 1] raise a `ValueError`; categorical probabilities not
+            summing to 1, or logits that look like a softmax output, warn
+            once. Defaults to `True`.
         axis: The class axis. Defaults to `-1`.
         distribution: `"categorical"` (softmax over `axis`), `"bernoulli"`
             (each entry along `axis` is an independent Bernoulli, such as a

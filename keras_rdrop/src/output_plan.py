@@ -20,11 +20,13 @@ from typing import Any
 
 import keras
 
+from keras_rdrop.src.alpha_schedule import plan_alpha
 from keras_rdrop.src.consistency_terms import ConsistencyTerm
 from keras_rdrop.src.keras_internals import loss_function_kwargs
 from keras_rdrop.src.prediction_checks import (
     check_output_activation,
     output_activations,
+    output_layer_names,
     values_readable,
 )
 
@@ -184,7 +186,9 @@ class OutputEntry:
         name: The output's name.
         term: How two predictions of it are compared, or `None` for an
             output that gets no consistency term (and no reference KL).
-        alpha: Its R-Drop weight (0 for outputs left out of an `alpha` dict).
+        alpha: Its R-Drop weight (0 for outputs left out of an `alpha` dict;
+            1 for a scheduled output, whose weight RDropModel applies in
+            the step: `alpha_schedule`).
         loss: The compiled loss of this output.
     """
 
@@ -206,6 +210,7 @@ def build_plan(
     from_logits: Any,
     regression_consistency: bool,
     activations: list | None = None,
+    layer_names: list | None = None,
 ) -> tuple[OutputEntry, ...]:
     """Resolves every output's consistency term, in `keras.tree.flatten` order.
 
@@ -218,6 +223,8 @@ def build_plan(
         regression_consistency: Whether regression outputs get an MSE term.
         activations: The output layers' activations (`output_activations`),
             to check against the declarations; `None` skips the check.
+        layer_names: The output layers' names (`output_layer_names`), for
+            the check's messages, or `None`.
 
     Returns:
         A tuple of `OutputEntry`, one per output.
@@ -232,9 +239,11 @@ def build_plan(
         overrides = flatten_like_outputs(from_logits, names, "from_logits")
     if activations is None or len(activations) != len(names):
         activations = [None] * len(names)
+    if layer_names is None or len(layer_names) != len(names):
+        layer_names = [None] * len(names)
     entries = []
-    for name, loss_i, alpha_i, override, activation in zip(
-        names, losses, alphas, overrides, activations
+    for name, loss_i, alpha_i, override, activation, layer_name in zip(
+        names, losses, alphas, overrides, activations, layer_names
     ):
         kind = describe_loss(loss_i)
         logits = kind.from_logits if override is None else override
@@ -257,7 +266,14 @@ def build_plan(
                     "Pass `from_logits=True` (or False, or a dict keyed by "
                     "output name) to RDropModel."
                 )
-            check_output_activation(activation, logits, name)
+            check_output_activation(
+                activation,
+                logits,
+                name,
+                declared_by=_declared_by(loss_i, override),
+                loss_name=kind.loss_name,
+                layer_name=layer_name,
+            )
             term = ConsistencyTerm(
                 "distribution",
                 from_logits=logits,
@@ -265,6 +281,15 @@ def build_plan(
             )
         entries.append(OutputEntry(name, term, alpha_i, loss_i))
     return tuple(entries)
+
+
+def _declared_by(loss: Any, override: bool | None) -> str:
+    """Where an output's `from_logits` comes from, for error messages."""
+    if override is not None:
+        return f"RDropModel(from_logits={override!r})"
+    if isinstance(loss, str):
+        return f"the compiled loss {loss!r}: Keras' string losses take probabilities"
+    return f"the compiled loss {type(loss).__name__}"
 
 
 class PlanCache:
@@ -297,6 +322,7 @@ class PlanCache:
                 repr(model.alpha),
                 repr(model.from_logits),
                 model.regression_consistency,
+                model.check_output_activation,
             )
         )
         plan = None if traced else self._plans.get(key)
@@ -305,10 +331,11 @@ class PlanCache:
                 model.loss,
                 y_pred,
                 getattr(inner, "output_names", None),
-                model.alpha,
+                plan_alpha(model.alpha),
                 model.from_logits,
                 model.regression_consistency,
-                output_activations(inner),
+                output_activations(inner) if model.check_output_activation else None,
+                output_layer_names(inner),
             )
             if not traced:
                 self._plans[key] = plan

@@ -1,17 +1,20 @@
-"""Warnings for predictions declared as logits that look like probabilities.
+"""Checks that predictions are what they are declared to be (logits or not).
 
-Two checks, each warning once per process and kind of problem:
+Two checks:
 
 - `check_values`: reads the values of concrete (eager) predictions. Declared
-  probabilities (`from_logits=False`) must lie in [0, 1] and, for a
-  categorical distribution, sum to 1 over the class axis. Declared logits
-  (`from_logits=True`) that lie in [0, 1] and sum to 1 over more than one
-  class were very likely probabilities. Traced values (inside `jit`,
-  `tf.function` or `torch.compile`) cannot be read and are not checked.
+  probabilities (`from_logits=False`) outside [0, 1] are certainly not
+  probabilities: a `ValueError`. Declared categorical probabilities that do
+  not sum to 1 over the class axis, and declared logits that lie in [0, 1]
+  and sum to 1 over more than one class (very likely probabilities), are
+  heuristics: one `UserWarning` per process and kind of problem. Traced
+  values (inside `jit`, `tf.function` or `torch.compile`) cannot be read and
+  are not checked.
 - `check_output_activation`: reads a functional or Sequential model's output
   layer, so it works when the training step is traced: a softmax or sigmoid
   output declared as logits, or an output with no activation declared as
-  probabilities.
+  probabilities, is a `ValueError` at the first training step (RDropModel's
+  `check_output_activation=False` turns it off).
 
 Reading values costs a device-to-host copy (a sync on a GPU), so only the
 first eager call for each declaration (logits, categorical probabilities,
@@ -81,7 +84,11 @@ def _scalar(value) -> float:
 
 
 def check_values(x, from_logits: bool, distribution: str, axis: int, name: str):
-    """Warns once if the values of `x` contradict `from_logits`.
+    """Raises or warns once if the values of `x` contradict `from_logits`.
+
+    Declared probabilities outside [0, 1] raise a `ValueError` (each time the
+    declaration is read: the check is not marked done). The other findings
+    are heuristics and warn once per process.
 
     Args:
         x: Floating-point predictions (read in float32).
@@ -97,7 +104,6 @@ def check_values(x, from_logits: bool, distribution: str, axis: int, name: str):
     key = key_logits if from_logits else key_probabilities
     if key in _CHECKED or not values_readable(x):
         return
-    _CHECKED.add(key)
     x = ops.cast(ops.stop_gradient(x), "float32")
     if 0 in tuple(x.shape):  # eager values have a concrete shape
         return
@@ -106,6 +112,18 @@ def check_values(x, from_logits: bool, distribution: str, axis: int, name: str):
     if low != low or high != high:
         return  # NaN: passed through to the result, not a declaration issue.
     in_unit_range = low >= 0.0 and high <= 1.0
+    if not from_logits and not in_unit_range:
+        # Certain: probabilities cannot leave [0, 1]. Not marked as checked,
+        # so the same mistake raises again.
+        raise ValueError(
+            f"`{name}` was declared as probabilities (from_logits=False), but "
+            f"its values range over [{low:.4g}, {high:.4g}], outside [0, 1]: "
+            "they are logits (or scores), and the KL of them is meaningless "
+            "(inf or NaN). Pass from_logits=True for logits (for RDropModel: "
+            "compile with a loss that has from_logits=True, or pass "
+            "from_logits=True to RDropModel), or apply a softmax/sigmoid first."
+        )
+    _CHECKED.add(key)
     if distribution == "categorical":
         sums = ops.sum(x, axis=axis)
         error = _scalar(ops.max(ops.abs(sums - 1.0)))
@@ -124,15 +142,7 @@ def check_values(x, from_logits: bool, distribution: str, axis: int, name: str):
                 stacklevel=4,
             )
         return
-    if not in_unit_range:
-        _warn_once(
-            key_probabilities,
-            f"`{name}` was declared as probabilities (from_logits=False), but "
-            f"its values range over [{low:.4g}, {high:.4g}], outside [0, 1]: "
-            "they look like logits. Pass from_logits=True for logits.",
-            stacklevel=4,
-        )
-    elif not sums_to_one:
+    if not sums_to_one:
         _warn_once(
             key_probabilities,
             f"`{name}` was declared as categorical probabilities "
@@ -165,6 +175,15 @@ def output_activations(model: keras.Model) -> list[str | None]:
     return names
 
 
+def output_layer_names(model: keras.Model) -> list[str | None]:
+    """The name of each output's layer, like `output_activations`."""
+    outputs = getattr(model, "outputs", None)
+    if not outputs:
+        return []
+    layers = [output_layer(t) for t in keras.tree.flatten(outputs)]
+    return [None if layer is None else layer.name for layer in layers]
+
+
 def _activation_name(layer) -> str | None:
     if layer is None:
         return None
@@ -180,30 +199,71 @@ def _activation_name(layer) -> str | None:
 
 
 def check_output_activation(
-    activation: str | None, from_logits: bool, output_name: str
+    activation: str | None,
+    from_logits: bool,
+    output_name: str,
+    declared_by: str = "the compiled loss or RDropModel",
+    loss_name: str | None = None,
+    layer_name: str | None = None,
 ) -> None:
-    """Warns once if an output's activation contradicts `from_logits`."""
+    """Raises a `ValueError` if an output's activation contradicts `from_logits`.
+
+    Args:
+        activation: The output layer's activation (`output_activations`), or
+            `None` where it cannot be read (nothing is checked).
+        from_logits: What was declared.
+        output_name: The output's name, for the message.
+        declared_by: Where the declaration comes from, for the message
+            (`"the compiled loss 'sparse_categorical_crossentropy'"`).
+        loss_name: The compiled loss's snake-case name, to name the loss
+            class of the fix; `None` for a generic fix.
+        layer_name: The output layer's name, for the message.
+    """
     if activation is None:
         return
+    if layer_name is not None and layer_name != output_name:
+        output_name = f"{output_name!r} (layer {layer_name!r})"
+    else:
+        output_name = repr(output_name)
+    opt_out = (
+        "If this output really holds {what} despite its activation (a custom "
+        "layer), pass check_output_activation=False to RDropModel."
+    )
     if from_logits and activation in _PROBABILITY_ACTIVATIONS:
-        # Said here, so the value check need not say it again.
-        _CHECKED.add("logits-categorical")
-        _warn_once(
-            f"activation-{output_name}-logits",
-            f"Output {output_name!r} comes from a {activation} activation, so "
-            "it holds probabilities, but it is declared as logits "
-            "(from_logits=True, from the compiled loss or RDropModel). The KL "
-            "would treat the probabilities as logits. Remove the activation "
-            "(and keep from_logits=True: more exact), or compile with a loss "
-            "that has from_logits=False.",
+        raise ValueError(
+            f"Output {output_name} is declared as logits (from_logits=True, "
+            f"from {declared_by}), but its layer ends in a {activation} "
+            "activation, so it emits probabilities: the loss and the KL would "
+            "treat probabilities as logits. Fix one of the two: (1) remove the "
+            f"{activation} from the output layer and keep from_logits=True "
+            "(more exact: the loss works in log space), or (2) declare "
+            f"probabilities: compile with {_loss_fix(loss_name, False)} (or pass "
+            "from_logits=False to RDropModel). " + opt_out.format(what="logits")
         )
-    elif not from_logits and activation == "linear":
-        _CHECKED.update(("probabilities-categorical", "probabilities-bernoulli"))
-        _warn_once(
-            f"activation-{output_name}-probabilities",
-            f"Output {output_name!r} comes from a layer with no activation, "
-            "so it holds logits, but it is declared as probabilities "
-            "(from_logits=False, from the compiled loss or RDropModel). Use a "
-            "loss with from_logits=True (or pass from_logits=True to "
-            "RDropModel), or add a softmax/sigmoid activation.",
+    if not from_logits and activation == "linear":
+        binary = loss_name is not None and "binary" in loss_name
+        raise ValueError(
+            f"Output {output_name} is declared as probabilities "
+            f"(from_logits=False, from {declared_by}), but its layer has no "
+            "activation, so it emits logits: training would log `loss: inf` "
+            "and `kl_loss: inf` (or NaN). Fix one of the two: (1) declare "
+            f"logits: compile with {_loss_fix(loss_name, True)} (or pass "
+            "from_logits=True to RDropModel), or (2) add "
+            f"activation={'sigmoid' if binary else 'softmax'!r} to the output "
+            "layer. " + opt_out.format(what="probabilities")
         )
+
+
+def _loss_fix(loss_name: str | None, from_logits: bool) -> str:
+    """`keras.losses.X(from_logits=...)` for the loss named `loss_name`."""
+    classes = {
+        "sparse_categorical_crossentropy": "SparseCategoricalCrossentropy",
+        "categorical_crossentropy": "CategoricalCrossentropy",
+        "categorical_focal_crossentropy": "CategoricalFocalCrossentropy",
+        "binary_crossentropy": "BinaryCrossentropy",
+        "binary_focal_crossentropy": "BinaryFocalCrossentropy",
+    }
+    name = classes.get(loss_name or "")
+    if name is None:
+        return f"a loss that has from_logits={from_logits}"
+    return f"keras.losses.{name}(from_logits={from_logits})"

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from typing import Any
 
 import keras
 from keras import ops
 
+from keras_rdrop.src.alpha_schedule import (
+    CurrentValue,
+    advance,
+    deserialize_alpha,
+    is_scheduled,
+    log_names,
+    scale_by_schedule,
+    serialize_alpha,
+    step_counter,
+    validate_alpha,
+    weigh_consistency,
+)
 from keras_rdrop.src.consistency_terms import (
     copy_sample_weight,
     pairwise_consistency,
@@ -16,59 +27,20 @@ from keras_rdrop.src.consistency_terms import (
 )
 from keras_rdrop.src.fused_cross_entropy import FusedLanguageModelLoss
 from keras_rdrop.src.keras_hub_pipeline import TaskPreprocessingModel
-from keras_rdrop.src.keras_internals import (
-    flatten_layers,
-    get_keras_mask,
-    set_keras_mask,
-)
+from keras_rdrop.src.keras_internals import get_keras_mask, set_keras_mask
+from keras_rdrop.src.label_checks import LabelCheck
+from keras_rdrop.src.model_checks import has_stochastic_layer, validate_bool
 from keras_rdrop.src.output_plan import PlanCache
 from keras_rdrop.src.reference_snapshot import ReferenceSnapshot
 from keras_rdrop.src.seed_state import is_seed_key, load_seed_states, save_seed_states
 
 MODES = ("sequential", "concat")
 _OWN_LOG_NAMES = ("kl_loss", "task_loss", "ref_kl")
-_STOCHASTIC_TYPES = (
-    keras.layers.Dropout,
-    keras.layers.SpatialDropout1D,
-    keras.layers.SpatialDropout2D,
-    keras.layers.SpatialDropout3D,
-    keras.layers.GaussianDropout,
-    keras.layers.GaussianNoise,
-    keras.layers.AlphaDropout,
-)
 
 
 def _validate_alpha(alpha: Any, name: str = "alpha"):
-    if isinstance(alpha, dict):
-        return {k: _validate_alpha(v, f"{name}[{k!r}]") for k, v in alpha.items()}
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, numbers.Real)
-        or not alpha >= 0
-        or alpha == float("inf")
-    ):
-        error = TypeError if not isinstance(alpha, numbers.Real) else ValueError
-        raise error(
-            f"`{name}` should be a non-negative float (or a dict of them keyed by "
-            f"output name). Received: {name}={alpha!r}"
-        )
-    return float(alpha)
-
-
-def has_stochastic_layer(model: keras.Model) -> bool:
-    """Whether any layer of `model` draws random numbers in training."""
-    for layer in flatten_layers(model):
-        if isinstance(layer, _STOCHASTIC_TYPES):
-            rate = getattr(layer, "rate", getattr(layer, "stddev", 1.0))
-            if rate and rate > 0:
-                return True
-            continue
-        if any(
-            isinstance(value, keras.random.SeedGenerator)
-            for value in vars(layer).values()
-        ):
-            return True
-    return False
+    """A float, a schedule, or a dict of them (`alpha_schedule.validate_alpha`)."""
+    return validate_alpha(alpha, name)
 
 
 @keras.saving.register_keras_serializable(package="keras_rdrop")
@@ -110,14 +82,30 @@ class RDropModel(TaskPreprocessingModel):
     The training logs show `loss` (the total), `task_loss` (the task loss
     averaged over the two passes), `kl_loss` (the unweighted consistency term,
     summed over outputs) and the compiled metrics, computed on the first pass.
+    A scheduled `alpha` adds its value at the step to the logs: `alpha`, or
+    `alpha_<output>` for each scheduled entry of an `alpha` dict (a float
+    `alpha` is not logged).
+
+    Mistakes stop the first training step with a `ValueError` that says how
+    to fix them: a `from_logits` that contradicts the output's activation or
+    (read where eager) its values, and one-hot labels given to a sparse loss
+    or integer labels to a categorical one.
 
     Args:
         model: The `keras.Model` to train: Sequential, functional (any input
             and output structure), subclassed or a keras-hub task.
-        alpha: Weight of the consistency term: a non-negative float, or a dict
-            keyed by output name (outputs left out get 0). `alpha=0` skips the
-            second pass, so the model trains exactly like plain `fit`.
-            Defaults to `1.0`.
+        alpha: Weight of the consistency term: a non-negative float, a
+            schedule of the training step (a
+            `keras.optimizers.schedules.LearningRateSchedule` such as
+            `PiecewiseConstantDecay` or `PolynomialDecay`, or a callable of
+            the step written with `keras.ops`), or a dict of them keyed by
+            output name (outputs left out get 0). `alpha=0` skips the second
+            pass, so the model trains exactly like plain `fit`. A schedule is
+            called in the training step with the step (this model's training
+            steps so far, `alpha_step`, saved with it) as a scalar int32
+            tensor, like a learning-rate schedule; with one, the second pass
+            always runs, even where it is 0. Plain callables cannot be
+            serialized (`get_config`). Defaults to `1.0`.
         mode: `"sequential"` runs the inner model twice; `"concat"` runs it
             once on the batch concatenated with itself (`[x; x]`, as the
             R-Drop paper does) and splits the output. The math is the same;
@@ -132,10 +120,14 @@ class RDropModel(TaskPreprocessingModel):
             Required for outputs whose loss is a custom callable. Defaults to
             `None` (read from the loss). A declaration that contradicts the
             output layer's activation (a softmax output declared as logits, an
-            output with no activation declared as probabilities) gives one
-            `UserWarning` at the first training step; on torch, and with
+            output with no activation declared as probabilities, such as a
+            logits model compiled with the string loss
+            `"sparse_categorical_crossentropy"`) raises a `ValueError` at the
+            first training step, naming both fixes. On torch, and with
             `run_eagerly=True` on TensorFlow, the first step's values are
-            checked too (see `kl_divergence`).
+            checked too: declared probabilities outside [0, 1] raise a
+            `ValueError`; declared logits that look like probabilities give
+            one `UserWarning` (a heuristic: logits may lie in [0, 1]).
         regression_consistency: Whether outputs with a regression loss (MSE,
             MAE, Huber, ...) get a mean-squared-difference term between the
             passes. Defaults to `False`.
@@ -146,6 +138,11 @@ class RDropModel(TaskPreprocessingModel):
             unlabeled rows, with any loss (see the README's "Unlabeled rows").
             Keras masks still apply. Defaults to `False`: the consistency
             terms are weighted like the task loss.
+        check_output_activation: Whether a `from_logits` declaration that
+            contradicts the output layer's activation raises. Set it to
+            `False` only for an output layer that emits probabilities without
+            a softmax/sigmoid activation (a custom layer normalizing in its
+            `call`), or logits despite one. Defaults to `True`.
         **kwargs: Passed to `keras.Model` (`name`, `trainable`, ...).
 
     Example:
@@ -171,6 +168,18 @@ class RDropModel(TaskPreprocessingModel):
     history = model.fit(x, y, epochs=1, verbose=0)
     sorted(history.history)  # ['accuracy', 'kl_loss', 'loss', 'task_loss']
     model.model.save("inner.keras")  # serve without keras-rdrop
+
+    # A warm-up: alpha rises linearly from 0 to 1 over 100 steps, logged.
+    warm_up = keras.optimizers.schedules.PolynomialDecay(
+        initial_learning_rate=0.0, decay_steps=100, end_learning_rate=1.0
+    )
+    model = RDropModel(inner, alpha=warm_up)
+    model.compile(
+        optimizer="adam",
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    history = model.fit(x, y, batch_size=32, epochs=1, verbose=0)
+    history.history["alpha"]  # ~[0.01]: the value at the last step (step 1)
     ```
 
     Reference:
@@ -186,6 +195,7 @@ class RDropModel(TaskPreprocessingModel):
         from_logits: bool | dict | None = None,
         regression_consistency: bool = False,
         consistency_on_all_rows: bool = False,
+        check_output_activation: bool = True,
         **kwargs,
     ):
         if not isinstance(model, keras.Model):
@@ -208,28 +218,31 @@ class RDropModel(TaskPreprocessingModel):
                 f"bool, or a dict keyed by output name. Received: "
                 f"from_logits={from_logits!r}"
             )
-        if not isinstance(regression_consistency, bool):
-            raise TypeError(
-                "`regression_consistency` should be a bool. Received: "
-                f"regression_consistency={regression_consistency!r}"
-            )
-        if not isinstance(consistency_on_all_rows, bool):
-            raise TypeError(
-                "`consistency_on_all_rows` should be a bool. Received: "
-                f"consistency_on_all_rows={consistency_on_all_rows!r}"
-            )
+        validate_bool(regression_consistency, "regression_consistency")
+        validate_bool(consistency_on_all_rows, "consistency_on_all_rows")
+        validate_bool(check_output_activation, "check_output_activation")
+        alpha = _validate_alpha(alpha)
         super().__init__(**kwargs)
         self.model = model
-        self.alpha = _validate_alpha(alpha)
+        self.alpha = alpha
         self.mode = mode
         self.from_logits = from_logits
         self.regression_consistency = regression_consistency
         self.consistency_on_all_rows = consistency_on_all_rows
+        self.check_output_activation = check_output_activation
         self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
         self.task_loss_tracker = keras.metrics.Mean(name="task_loss")
+        # A scheduled alpha: the step counter it is evaluated at, and one
+        # logged value per schedule. Only then, so that models with a float
+        # alpha keep exactly their variables (and old files load).
+        self._alpha_schedules = log_names(alpha)
+        if self._alpha_schedules:
+            self.alpha_step = step_counter()
+            self.alpha_trackers = [CurrentValue(name) for name in self._alpha_schedules]
         # Filled by `ReferenceKLRegularizer`; holds no variables until then.
         self.reference = ReferenceSnapshot(name="reference")
         self._plans = PlanCache()
+        self._check_labels = LabelCheck()
         self._loss_weights = None
         # Keras calls `compute_metrics` without a `training` argument, after
         # `compute_loss`: the one flag, set there, that says which step it is.
@@ -249,9 +262,18 @@ class RDropModel(TaskPreprocessingModel):
             )
 
     def _rdrop_enabled(self) -> bool:
+        # A schedule may be 0 now and positive later: the second pass runs.
+        if is_scheduled(self.alpha):
+            return True
         if isinstance(self.alpha, dict):
             return any(a > 0 for a in self.alpha.values())
         return self.alpha > 0
+
+    def _current_alphas(self) -> dict:
+        """Each schedule's value at this training step; advances the step."""
+        if not self._alpha_schedules:
+            return {}
+        return advance(self.alpha_step, self._alpha_schedules, self.alpha_trackers)
 
     def compile(
         self, optimizer="rmsprop", loss=None, loss_weights=None, *args, **kwargs
@@ -324,6 +346,12 @@ class RDropModel(TaskPreprocessingModel):
                 "`(x, y)` or `(x, y, sample_weight)` batches (or pass `y=` to "
                 "`fit`)."
             )
+        if y is not None and self.loss is not None:
+            # Also before the first step: Keras' symbolic build at the start
+            # of `fit` computes the loss (training=False) on one pass.
+            one_pass = self._split(y_pred)[0] if self._stacks(training) else y_pred
+            output_names = getattr(self.model, "output_names", None)
+            self._check_labels(self.loss, y, one_pass, output_names)
         if not training:
             return super().compute_loss(x, y, y_pred, sample_weight, training=False)
         if self._stacks(training):
@@ -338,7 +366,7 @@ class RDropModel(TaskPreprocessingModel):
             task_loss = self._task_loss(x, y, y_pred_1, sample_weight)
         else:
             task_loss, consistency = self._two_pass_loss(
-                plan, x, y, y_pred_1, y_pred_2, sample_weight
+                plan, x, y, y_pred_1, y_pred_2, sample_weight, self._current_alphas()
             )
         total = task_loss
         if consistency is not None:
@@ -369,17 +397,22 @@ class RDropModel(TaskPreprocessingModel):
             x, y, y_pred, copy_sample_weight(sample_weight), training=True
         )
 
-    def _two_pass_loss(self, plan, x, y, y_pred_1, y_pred_2, sample_weight):
+    def _two_pass_loss(
+        self, plan, x, y, y_pred_1, y_pred_2, sample_weight, current_alphas=None
+    ):
         """The mean task loss of both passes, and their consistency terms.
 
         The fused language-model path (`FusedLanguageModelLoss`) computes
         both in one chunked pass where it applies; the general path runs
         Keras' compiled loss on each pass and adds `pairwise_consistency`.
+        `current_alphas` holds each schedule's value at this step
+        (`_current_alphas`); scheduled outputs are weighted by it.
         """
+        current_alphas = current_alphas or {}
         fused = FusedLanguageModelLoss()
         args = (self.loss, self._loss_weights)
         if fused.applies(plan, *args, y, y_pred_1, y_pred_2, sample_weight):
-            return fused.compute(
+            task_loss, consistency = fused.compute(
                 plan,
                 *args,
                 self.losses,
@@ -389,14 +422,20 @@ class RDropModel(TaskPreprocessingModel):
                 sample_weight,
                 weight_consistency=not self.consistency_on_all_rows,
             )
+            return task_loss, scale_by_schedule(
+                consistency, plan, self.alpha, current_alphas
+            )
         task_loss = 0.5 * (
             self._task_loss(x, y, y_pred_1, sample_weight)
             + self._task_loss(x, y, y_pred_2, sample_weight)
         )
-        consistency = pairwise_consistency(
-            plan, y_pred_1, y_pred_2, self._consistency_weight(sample_weight)
+        weights = self._consistency_weight(sample_weight)
+        return task_loss, weigh_consistency(
+            plan,
+            self.alpha,
+            current_alphas,
+            lambda p: pairwise_consistency(p, y_pred_1, y_pred_2, weights),
         )
-        return task_loss, consistency
 
     def _consistency_weight(self, sample_weight):
         """The `sample_weight` the consistency terms use."""
@@ -415,7 +454,8 @@ class RDropModel(TaskPreprocessingModel):
         results = super().compute_metrics(x, y, y_pred, sample_weight)
         if not self._in_training_step:
             # `evaluate` reports exactly what the inner model would.
-            results = {k: v for k, v in results.items() if k not in _OWN_LOG_NAMES}
+            own = set(_OWN_LOG_NAMES) | set(self._alpha_schedules)
+            results = {k: v for k, v in results.items() if k not in own}
         else:
             if not self.reference.active:
                 results.pop("ref_kl", None)
@@ -446,11 +486,12 @@ class RDropModel(TaskPreprocessingModel):
         config.update(
             {
                 "model": keras.saving.serialize_keras_object(self.model),
-                "alpha": self.alpha,
+                "alpha": serialize_alpha(self.alpha),
                 "mode": self.mode,
                 "from_logits": self.from_logits,
                 "regression_consistency": self.regression_consistency,
                 "consistency_on_all_rows": self.consistency_on_all_rows,
+                "check_output_activation": self.check_output_activation,
             }
         )
         return config
@@ -461,4 +502,6 @@ class RDropModel(TaskPreprocessingModel):
         config["model"] = keras.saving.deserialize_keras_object(
             config["model"], custom_objects=custom_objects
         )
+        if "alpha" in config:
+            config["alpha"] = deserialize_alpha(config["alpha"], custom_objects)
         return cls(**config)
