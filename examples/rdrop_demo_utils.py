@@ -163,11 +163,26 @@ def sparse_ce():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+def take(x, rows):
+    """`x[rows]` for an array or a dict of arrays (preprocessed text)."""
+    if isinstance(x, dict):
+        return {key: value[rows] for key, value in x.items()}
+    return x[rows]
+
+
+def num_rows(x):
+    """The number of examples in an array or a dict of arrays."""
+    if isinstance(x, dict):
+        return len(next(iter(x.values())))
+    return len(x)
+
+
 class ShuffledBatches(keras.utils.PyDataset):
     """Mini-batches in an order fixed by `seed`: a new permutation each epoch.
 
     Two runs given the same seed see exactly the same batches in the same
-    order, whatever the backend; pass `shuffle=False` to `fit`.
+    order, whatever the backend; pass `shuffle=False` to `fit`. `x` may be an
+    array or a dict of arrays (a preprocessed text batch).
     """
 
     def __init__(self, x, y, batch_size, seed):
@@ -175,17 +190,17 @@ class ShuffledBatches(keras.utils.PyDataset):
         self.x, self.y = x, y
         self.batch_size = batch_size
         self._rng = np.random.default_rng(seed)
-        self._order = self._rng.permutation(len(x))
+        self._order = self._rng.permutation(num_rows(x))
 
     def __len__(self):
-        return -(-len(self.x) // self.batch_size)
+        return -(-num_rows(self.x) // self.batch_size)
 
     def __getitem__(self, index):
         rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
-        return self.x[rows], self.y[rows]
+        return take(self.x, rows), self.y[rows]
 
     def on_epoch_end(self):
-        self._order = self._rng.permutation(len(self.x))
+        self._order = self._rng.permutation(num_rows(self.x))
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -226,7 +241,7 @@ class DropoutDisagreement(keras.callbacks.Callback):
         self.values = []
 
     def on_epoch_end(self, epoch, logs=None):
-        if not len(self.x):
+        if not num_rows(self.x):
             return
         a = log_softmax(logits_of(self.inner_model, self.x, training=True))
         b = log_softmax(logits_of(self.inner_model, self.x, training=True))
@@ -241,17 +256,27 @@ class HeldOutMetrics(keras.callbacks.Callback):
         sets: `{name: (x, y)}`. Every set is measured every epoch; which one
             drives a choice is up to the caller (validation, never test).
         inner_model: The model to evaluate (the inner model of an RDropModel).
+        batch_size: `None` runs the model eagerly in chunks; a number runs
+            `inner_model.predict` with that batch size (compiled).
     """
 
-    def __init__(self, sets, inner_model):
+    def __init__(self, sets, inner_model, batch_size=None):
         super().__init__()
         self.sets = sets
         self.inner_model = inner_model
+        self.batch_size = batch_size
         self.history = {name: {"accuracy": [], "nll": []} for name in sets}
+
+    def _logits(self, x):
+        if self.batch_size is None:
+            return logits_of(self.inner_model, x)
+        # A compiled forward pass: worth it for a large model (a transformer).
+        logits = self.inner_model.predict(x, batch_size=self.batch_size, verbose=0)
+        return np.asarray(logits, "float64")
 
     def on_epoch_end(self, epoch, logs=None):
         for name, (x, y) in self.sets.items():
-            accuracy, nll = accuracy_and_nll(logits_of(self.inner_model, x), y)
+            accuracy, nll = accuracy_and_nll(self._logits(x), y)
             self.history[name]["accuracy"].append(accuracy)
             self.history[name]["nll"].append(nll)
 
@@ -259,8 +284,10 @@ class HeldOutMetrics(keras.callbacks.Callback):
 def logits_of(model, x, training=False, batch_size=1000):
     """Runs `model` eagerly in chunks and returns float64 NumPy logits."""
     chunks = [
-        keras.ops.convert_to_numpy(model(x[i : i + batch_size], training=training))
-        for i in range(0, len(x), batch_size)
+        keras.ops.convert_to_numpy(
+            model(take(x, slice(i, i + batch_size)), training=training)
+        )
+        for i in range(0, num_rows(x), batch_size)
     ]
     return np.concatenate(chunks).astype("float64")
 
