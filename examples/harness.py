@@ -603,3 +603,166 @@ def print_results(results):
     for path in results["figures"]:
         print(f"Figure written: {path}")
     return results
+
+
+# --------------------------------------------------------- anchor trade-off
+
+
+def save_json(path, value):
+    """Writes `value` (dicts, lists, NumPy arrays and scalars) as JSON."""
+    import numpy as np
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, np.ndarray):
+            return v.tolist()
+        if isinstance(v, np.generic):
+            return v.item()
+        return v
+
+    Path(path).write_text(json.dumps(plain(value)))
+
+
+def anchor_markdown(results, title, names):
+    """The forgetting table: kept and learned accuracy at every beta.
+
+    Args:
+        results: `{"before": [{"kept", "learned"} per seed], "finetuned":
+            {beta: [run per seed]}, "setup": str}`; a run holds per-epoch
+            arrays `kept` and `learned` (accuracies), optionally `drift`
+            (a KL to the starting model on the kept task's texts), and
+            `ref_kl` and `step_seconds`.
+        title: The section title.
+        names: Column names: `kept`, `learned`, `before` (the starting model's
+            row), and `drift` if the runs have it.
+    """
+    import numpy as np
+
+    before_kept = np.array([s["kept"] for s in results["before"]])
+    before_learned = np.array([s["learned"] for s in results["before"]])
+    runs = next(iter(results["finetuned"].values()))
+    has_drift = bool(runs) and "drift" in runs[0]
+    has_step = bool(runs) and "step_seconds" in runs[0]
+    first = [names["before"], "", mean_std(before_kept, 100, 1)]
+    first += [mean_std(before_learned, 100, 1), "", ""]
+    first += [""] * (1 + has_drift + has_step)
+    rows = [first]
+    for beta, arm in results["finetuned"].items():
+        kept = np.array([r["kept"][-1] for r in arm])
+        learned = np.array([r["learned"][-1] for r in arm])
+        row = [
+            "plain fine-tuning" if beta == 0 else "with ReferenceKLRegularizer",
+            f"{beta:g}",
+            mean_std(kept, 100, 1),
+            mean_std(learned, 100, 1),
+            mean_std(kept - before_kept, 100, 1, signed=True),
+            mean_std(learned - before_learned, 100, 1, signed=True),
+        ]
+        if has_drift:
+            row.append(mean_std([r["drift"][-1] for r in arm], digits=4))
+        row.append("" if beta == 0 else mean_std([r["ref_kl"] for r in arm], digits=3))
+        if has_step:
+            row.append(mean_std([r["step_seconds"] for r in arm], 1000, digits=0))
+        rows.append(row)
+    headers = [
+        "model",
+        "beta",
+        names["kept"],
+        names["learned"],
+        "change on kept task (points)",
+        "change on new task (points)",
+    ]
+    if has_drift:
+        headers.append(names["drift"])
+    headers.append("ref_kl, last epoch")
+    if has_step:
+        headers.append("train step (ms)")
+    return (
+        f"### {title}\n\n"
+        f"{results['setup']}\n\n"
+        f"{markdown_table(headers, rows)}\n\n"
+        "Values are mean ± std over seeds; a change is against the same seed's "
+        "starting model (the first row). `ref_kl` is the logged KL(model || "
+        "starting model) on the fine-tuning batches. Pick `beta` for the "
+        "trade-off you need, on a validation split of your own data.\n"
+    )
+
+
+def anchor_figure(results, out, filename, names, title):
+    """Kept vs learned at every beta, and the kept accuracy per epoch (PNG)."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    finetuned = results["finetuned"]
+    betas = list(finetuned)
+
+    def stats(values):
+        values = 100 * np.asarray(values, "float64")
+        std = values.std(ddof=1) if len(values) > 1 else 0.0
+        return values.mean(), std
+
+    fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(11, 4.4))
+    points = []
+    for beta in betas:
+        ox, sx = stats([r["learned"][-1] for r in finetuned[beta]])
+        oy, sy = stats([r["kept"][-1] for r in finetuned[beta]])
+        points.append((ox, oy))
+        ax_t.errorbar(ox, oy, xerr=sx, yerr=sy, fmt="o", color="tab:blue", capsize=3)
+        ax_t.annotate(
+            "no anchor" if beta == 0 else f"beta={beta:g}",
+            (ox, oy),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=8,
+        )
+    ax_t.plot(*zip(*points), "-", color="tab:blue", alpha=0.5)
+    px, psx = stats([s["learned"] for s in results["before"]])
+    py, psy = stats([s["kept"] for s in results["before"]])
+    ax_t.errorbar(
+        px, py, xerr=psx, yerr=psy, fmt="*", ms=12, color="tab:red", capsize=3
+    )
+    ax_t.annotate(
+        "before fine-tuning",
+        (px, py),
+        textcoords="offset points",
+        xytext=(0, 9),
+        ha="center",
+        fontsize=8,
+        color="tab:red",
+    )
+    ax_t.margins(0.08)
+    ax_t.set(xlabel=names["learned"], ylabel=names["kept"])
+    ax_t.set_title("Kept vs learned after fine-tuning (mean ± std)", fontsize=10)
+    ax_t.grid(alpha=0.3)
+
+    cmap = plt.get_cmap("viridis")
+    for i, beta in enumerate(betas):
+        curves = 100 * np.array([r["kept"] for r in finetuned[beta]])
+        epochs = np.arange(0, curves.shape[1] + 1)
+        mean = np.concatenate([[py], curves.mean(axis=0)])
+        color = "tab:gray" if beta == 0 else cmap(i / max(len(betas) - 1, 1))
+        ax_e.plot(
+            epochs,
+            mean,
+            "-",
+            marker=".",
+            color=color,
+            label="no anchor" if beta == 0 else f"{beta:g}",
+        )
+    ax_e.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_e.set(xlabel="fine-tuning epoch", ylabel=names["kept"])
+    ax_e.set_title("Forgetting during fine-tuning (mean over seeds)", fontsize=10)
+    ax_e.legend(title="beta", fontsize=8)
+    ax_e.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path = out / filename
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

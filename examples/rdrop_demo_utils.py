@@ -281,6 +281,30 @@ class HeldOutMetrics(keras.callbacks.Callback):
             self.history[name]["nll"].append(nll)
 
 
+class ReferenceDrift(keras.callbacks.Callback):
+    """After every epoch, the mean `KL(model || reference)` on fixed inputs.
+
+    Args:
+        x: The inputs (an array or a dict of arrays).
+        reference_logits: The reference model's logits on `x` (θ0's).
+        model: The model being trained (run with `predict`, compiled).
+    """
+
+    def __init__(self, x, reference_logits, model, batch_size=64):
+        super().__init__()
+        self.x = x
+        self.reference = log_softmax(reference_logits)
+        self.inner_model = model
+        self.batch_size = batch_size
+        self.values = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        logits = self.inner_model.predict(self.x, batch_size=self.batch_size, verbose=0)
+        log_p = log_softmax(logits)
+        kl = np.sum(np.exp(log_p) * (log_p - self.reference), axis=-1)
+        self.values.append(float(kl.mean()))
+
+
 def logits_of(model, x, training=False, batch_size=1000):
     """Runs `model` eagerly in chunks and returns float64 NumPy logits."""
     chunks = [
