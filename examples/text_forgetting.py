@@ -40,19 +40,19 @@ import harness  # noqa: E402
 import text_rdrop  # noqa: E402
 
 DEFAULTS = dict(
-    a_train_size=400,
-    b_train_size=400,
-    test_size=500,
+    a_train_size=160,
+    b_train_size=160,
+    test_size=300,
     seeds=1,
     betas="1",
-    a_epochs=1,
+    a_epochs=2,
     b_epochs=2,
 )
 FULL = dict(
-    a_train_size=800,
-    b_train_size=800,
-    test_size=1000,
-    seeds=3,
+    a_train_size=320,
+    b_train_size=320,
+    test_size=500,
+    seeds=2,
     betas="0.1,1,10",
     a_epochs=2,
     b_epochs=2,
@@ -115,7 +115,7 @@ def build_parser():
     parser.add_argument("--b-epochs", type=int, default=DEFAULTS["b_epochs"])
     parser.add_argument("--sequence-length", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=5e-5, help="AdamW, both phases")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW, both phases")
     harness.add_common_flags(parser, TINY, full=FULL)
     return parser
 
