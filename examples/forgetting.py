@@ -252,6 +252,7 @@ def run(args, log=print):
     """Pretrains, fine-tunes at every beta; returns results, table, figure."""
     from rdrop_demo_utils import machine_description
 
+    harness.commit_stamp()  # read the commit before the run, not after
     data = prepare_data(args)
     betas = [0.0] + sorted({b for b in harness.parse_floats(args.betas) if b > 0})
     log(

@@ -19,6 +19,7 @@ a script can parse its flags and pick the backend (`select_backend`) first.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -86,14 +87,21 @@ def _describe(preset: dict) -> str:
     return ", ".join(f"{k.replace('_', '-')}={v}" for k, v in preset.items())
 
 
-def add_common_flags(parser, tiny: dict, full: dict | None = None):
-    """Adds the output flags and `--tiny` (and `--full`) with their presets."""
-    parser.add_argument(
-        "--figures-dir",
-        default=None,
-        help="where to write the PNG figures (default: docs/figures, or a "
-        "temporary folder with --tiny)",
-    )
+def add_common_flags(
+    parser, tiny: dict, full: dict | None = None, figures=True, runs_json=True
+):
+    """Adds the output flags and `--tiny` (and `--full`) with their presets.
+
+    `figures=False` leaves out `--figures-dir`, `runs_json=False` leaves out
+    `--runs-json`, for a script without figures or per-run records.
+    """
+    if figures:
+        parser.add_argument(
+            "--figures-dir",
+            default=None,
+            help="where to write the PNG figures (default: docs/figures, or a "
+            "temporary folder with --tiny)",
+        )
     parser.add_argument(
         "--results", default=None, help="also write the markdown tables to this file"
     )
@@ -157,18 +165,29 @@ def alpha_grid(text):
 
 
 def figures_dir(args):
-    """`--figures-dir`, else docs/figures, else (with `--tiny`) a temp folder."""
+    """Where figures go: `--figures-dir`, else by preset.
+
+    `--full`: docs/figures (the README figures); the default settings:
+    docs/figures/default; `--tiny`: a temporary folder.
+    """
     if args.figures_dir is not None:
         return Path(args.figures_dir)
     if args.tiny:
         import tempfile
 
         return Path(tempfile.gettempdir()) / "keras_rdrop_tiny_figures"
-    return DEFAULT_FIGURES_DIR
+    if getattr(args, "full", False):
+        return DEFAULT_FIGURES_DIR
+    return DEFAULT_FIGURES_DIR / "default"
 
 
+@functools.lru_cache(maxsize=1)
 def commit_stamp():
-    """The git commit of this checkout (with `+changes` if dirty), or 'unknown'."""
+    """The git commit of this checkout (with `+changes` if dirty), or 'unknown'.
+
+    Read once per process (the first call), so a long run is stamped with the
+    code it started from.
+    """
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -213,6 +232,7 @@ def paired_sweep(arms, seeds, init, train, log=print, tag="", checkpoint=None):
     """
     import numpy as np
 
+    commit_stamp()  # read the commit before the run, not after
     runs = {arm: [] for arm in arms}
     start = time.perf_counter()
     for seed in range(seeds):
@@ -586,14 +606,26 @@ def report_sweep(args, runs, title, setup, figure_prefix, curve_title):
     """Summarizes a paired alpha sweep: tables, figures, `--results` file."""
     results = summarize(runs)
     results["runs"] = runs
-    results["setup"] = setup
+    results["setup"] = f"{setup} Commit {commit_stamp()}."
     results["figures"] = sweep_figures(
         runs, results, figures_dir(args), figure_prefix, curve_title
     )
-    results["markdown"] = sweep_markdown(results, title, setup)
+    results["markdown"] = sweep_markdown(results, title, results["setup"])
     if args.results:
         Path(args.results).write_text(results["markdown"] + "\n")
     return results
+
+
+def print_and_save(table: str, start: float, results: str | None) -> None:
+    """Prints a table and the wall time since `start`; `--results` saves both.
+
+    `start` is a `time.perf_counter()` reading.
+    """
+    text = f"{table}\n\nwall time {time.perf_counter() - start:.0f} s"
+    print()
+    print(text, flush=True)
+    if results:
+        Path(results).write_text(text + "\n")
 
 
 def print_results(results):
@@ -682,7 +714,7 @@ def anchor_markdown(results, title, names):
         headers.append("train step (ms)")
     return (
         f"### {title}\n\n"
-        f"{results['setup']}\n\n"
+        f"{results['setup']} Commit {commit_stamp()}.\n\n"
         f"{markdown_table(headers, rows)}\n\n"
         "Values are mean ± std over seeds; a change is against the same seed's "
         "starting model (the first row). `ref_kl` is the logged KL(model || "

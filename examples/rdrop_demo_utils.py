@@ -1,4 +1,4 @@
-"""Shared pieces of the keras-rdrop examples: data, splits, model, callbacks.
+"""Keras-side pieces of the keras-rdrop examples: data, splits, model, callbacks.
 
 Not a public API: the example scripts in this folder import it (the folder is
 on `sys.path` when a script runs). Keras is imported here, so a script must set
@@ -16,7 +16,6 @@ import keras
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_FIGURES_DIR = REPO_ROOT / "docs" / "figures"
 
 # ----------------------------------------------------------------------- data
 
@@ -267,16 +266,10 @@ class HeldOutMetrics(keras.callbacks.Callback):
         self.batch_size = batch_size
         self.history = {name: {"accuracy": [], "nll": []} for name in sets}
 
-    def _logits(self, x):
-        if self.batch_size is None:
-            return logits_of(self.inner_model, x)
-        # A compiled forward pass: worth it for a large model (a transformer).
-        logits = self.inner_model.predict(x, batch_size=self.batch_size, verbose=0)
-        return np.asarray(logits, "float64")
-
     def on_epoch_end(self, epoch, logs=None):
         for name, (x, y) in self.sets.items():
-            accuracy, nll = accuracy_and_nll(self._logits(x), y)
+            logits = predict_logits(self.inner_model, x, self.batch_size)
+            accuracy, nll = accuracy_and_nll(logits, y)
             self.history[name]["accuracy"].append(accuracy)
             self.history[name]["nll"].append(nll)
 
@@ -287,10 +280,11 @@ class ReferenceDrift(keras.callbacks.Callback):
     Args:
         x: The inputs (an array or a dict of arrays).
         reference_logits: The reference model's logits on `x` (θ0's).
-        model: The model being trained (run with `predict`, compiled).
+        model: The model being trained.
+        batch_size: As in `predict_logits`.
     """
 
-    def __init__(self, x, reference_logits, model, batch_size=64):
+    def __init__(self, x, reference_logits, model, batch_size=None):
         super().__init__()
         self.x = x
         self.reference = log_softmax(reference_logits)
@@ -299,8 +293,7 @@ class ReferenceDrift(keras.callbacks.Callback):
         self.values = []
 
     def on_epoch_end(self, epoch, logs=None):
-        logits = self.inner_model.predict(self.x, batch_size=self.batch_size, verbose=0)
-        log_p = log_softmax(logits)
+        log_p = log_softmax(predict_logits(self.inner_model, self.x, self.batch_size))
         kl = np.sum(np.exp(log_p) * (log_p - self.reference), axis=-1)
         self.values.append(float(kl.mean()))
 
@@ -314,6 +307,18 @@ def logits_of(model, x, training=False, batch_size=1000):
         for i in range(0, num_rows(x), batch_size)
     ]
     return np.concatenate(chunks).astype("float64")
+
+
+def predict_logits(model, x, batch_size=None):
+    """Inference logits as float64 NumPy.
+
+    `batch_size=None` runs the model eagerly in chunks (quick for a small
+    model, no compilation); a number runs the compiled `model.predict` with
+    that batch size, worth it for a large model such as a transformer.
+    """
+    if batch_size is None:
+        return logits_of(model, x)
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), "float64")
 
 
 def log_softmax(logits):
@@ -333,30 +338,6 @@ def accuracy_and_nll(logits, y):
 # -------------------------------------------------------------------- reports
 
 
-def mean_std(values, scale=1.0, digits=2, signed=False):
-    values = np.asarray(values, "float64") * scale
-    sign = "+" if signed else ""
-    mean = f"{values.mean():{sign}.{digits}f}"
-    if len(values) < 2:
-        return mean
-    return f"{mean} ± {values.std(ddof=1):.{digits}f}"
-
-
-def markdown_table(headers, rows):
-    lines = ["| " + " | ".join(headers) + " |"]
-    lines.append("|" + "|".join("---" for _ in headers) + "|")
-    lines.extend("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
-    return "\n".join(lines)
-
-
-def parse_floats(text):
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
-def parse_ints(text):
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
 def machine_description():
     import os
     import platform
@@ -365,24 +346,3 @@ def machine_description():
         f"keras {keras.__version__}, backend {keras.backend.backend()}, "
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores"
     )
-
-
-def figures_dir(args):
-    """`--figures-dir`, else docs/figures, else (with `--tiny`) a temp folder."""
-    if args.figures_dir is not None:
-        return Path(args.figures_dir)
-    if args.tiny:
-        import tempfile
-
-        return Path(tempfile.gettempdir()) / "keras_rdrop_tiny_figures"
-    return DEFAULT_FIGURES_DIR
-
-
-def pyplot():
-    """matplotlib's pyplot on the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

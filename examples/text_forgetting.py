@@ -212,15 +212,16 @@ def compile_arm(args, task, alpha=0.0):
     return model
 
 
-def accuracy(task, x, y):
-    from rdrop_demo_utils import accuracy_and_nll
+def accuracy(args, task, x, y):
+    from rdrop_demo_utils import accuracy_and_nll, predict_logits
 
-    return accuracy_and_nll(task.predict(x, batch_size=64, verbose=0), y)[0]
+    logits = predict_logits(task, x, text_rdrop.eval_batch_size(args))
+    return accuracy_and_nll(logits, y)[0]
 
 
 def finetune_on_a(args, data, seed):
     """θ0: MiniLM fine-tuned on task A. Returns its weights and accuracies."""
-    from rdrop_demo_utils import ShuffledBatches
+    from rdrop_demo_utils import ShuffledBatches, predict_logits
 
     task = text_rdrop.build_task(args, data["num_classes"], seed)
     model = compile_arm(args, task)
@@ -231,10 +232,12 @@ def finetune_on_a(args, data, seed):
         verbose=2 if args.verbose else 0,
     )
     scores = {
-        "kept": accuracy(task, *data["a_test"]),
-        "learned": accuracy(task, *data["b_test"]),
+        "kept": accuracy(args, task, *data["a_test"]),
+        "learned": accuracy(args, task, *data["b_test"]),
     }
-    reference = task.predict(data["a_test"][0], batch_size=64, verbose=0)
+    reference = predict_logits(
+        task, data["a_test"][0], text_rdrop.eval_batch_size(args)
+    )
     return (task.get_weights(), reference), scores
 
 
@@ -254,10 +257,11 @@ def finetune_on_b(args, data, seed, start, beta):
     task = text_rdrop.build_task(args, data["num_classes"], seed)
     task.set_weights(weights)
     model = compile_arm(args, task)
+    batch_size = text_rdrop.eval_batch_size(args)
     held_out = HeldOutMetrics(
-        {"kept": data["a_test"], "learned": data["b_test"]}, task, batch_size=64
+        {"kept": data["a_test"], "learned": data["b_test"]}, task, batch_size
     )
-    drift = ReferenceDrift(data["a_test"][0], reference_logits, task)
+    drift = ReferenceDrift(data["a_test"][0], reference_logits, task, batch_size)
     timer = EpochTimer()
     callbacks = [timer, held_out, drift]
     if beta > 0:
@@ -288,6 +292,7 @@ def run(args, log=print):
 
     from rdrop_demo_utils import machine_description
 
+    harness.commit_stamp()  # read the commit before the run, not after
     args.model_dir = args.model_dir or text_rdrop.default_model_dir()
     data = prepare_data(args)
     betas = [0.0] + sorted({b for b in harness.parse_floats(args.betas) if b > 0})

