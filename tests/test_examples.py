@@ -421,8 +421,8 @@ def test_hub_causal_lm_tiny(examples, tmp_path):
     pytest.importorskip("tokenizers")
     old = tmp_path / "old.txt"
     new = tmp_path / "new.txt"
-    old.write_text("\n".join(f"what is the w{i} of w{i + 1} ?" for i in range(80)))
-    new.write_text("\n".join(f"see you at {i} for lunch ok" for i in range(60)))
+    old.write_text("\n".join(f"what is the w{i} of w{i + 1} ?" for i in range(130)))
+    new.write_text("\n".join(f"see you at {i} for lunch ok" for i in range(90)))
     results_md = tmp_path / "lm.md"
     rows = examples["hub_causal_lm"].main(
         [
