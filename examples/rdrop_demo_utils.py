@@ -1,4 +1,4 @@
-"""Shared pieces of the keras-rdrop examples: data, splits, model, callbacks.
+"""Keras-side pieces of the keras-rdrop examples: data, splits, model, callbacks.
 
 Not a public API: the example scripts in this folder import it (the folder is
 on `sys.path` when a script runs). Keras is imported here, so a script must set
@@ -16,7 +16,6 @@ import keras
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_FIGURES_DIR = REPO_ROOT / "docs" / "figures"
 
 # ----------------------------------------------------------------------- data
 
@@ -163,11 +162,26 @@ def sparse_ce():
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
+def take(x, rows):
+    """`x[rows]` for an array or a dict of arrays (preprocessed text)."""
+    if isinstance(x, dict):
+        return {key: value[rows] for key, value in x.items()}
+    return x[rows]
+
+
+def num_rows(x):
+    """The number of examples in an array or a dict of arrays."""
+    if isinstance(x, dict):
+        return len(next(iter(x.values())))
+    return len(x)
+
+
 class ShuffledBatches(keras.utils.PyDataset):
     """Mini-batches in an order fixed by `seed`: a new permutation each epoch.
 
     Two runs given the same seed see exactly the same batches in the same
-    order, whatever the backend; pass `shuffle=False` to `fit`.
+    order, whatever the backend; pass `shuffle=False` to `fit`. `x` may be an
+    array or a dict of arrays (a preprocessed text batch).
     """
 
     def __init__(self, x, y, batch_size, seed):
@@ -175,17 +189,17 @@ class ShuffledBatches(keras.utils.PyDataset):
         self.x, self.y = x, y
         self.batch_size = batch_size
         self._rng = np.random.default_rng(seed)
-        self._order = self._rng.permutation(len(x))
+        self._order = self._rng.permutation(num_rows(x))
 
     def __len__(self):
-        return -(-len(self.x) // self.batch_size)
+        return -(-num_rows(self.x) // self.batch_size)
 
     def __getitem__(self, index):
         rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
-        return self.x[rows], self.y[rows]
+        return take(self.x, rows), self.y[rows]
 
     def on_epoch_end(self):
-        self._order = self._rng.permutation(len(self.x))
+        self._order = self._rng.permutation(num_rows(self.x))
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -226,7 +240,7 @@ class DropoutDisagreement(keras.callbacks.Callback):
         self.values = []
 
     def on_epoch_end(self, epoch, logs=None):
-        if not len(self.x):
+        if not num_rows(self.x):
             return
         a = log_softmax(logits_of(self.inner_model, self.x, training=True))
         b = log_softmax(logits_of(self.inner_model, self.x, training=True))
@@ -241,28 +255,70 @@ class HeldOutMetrics(keras.callbacks.Callback):
         sets: `{name: (x, y)}`. Every set is measured every epoch; which one
             drives a choice is up to the caller (validation, never test).
         inner_model: The model to evaluate (the inner model of an RDropModel).
+        batch_size: `None` runs the model eagerly in chunks; a number runs
+            `inner_model.predict` with that batch size (compiled).
     """
 
-    def __init__(self, sets, inner_model):
+    def __init__(self, sets, inner_model, batch_size=None):
         super().__init__()
         self.sets = sets
         self.inner_model = inner_model
+        self.batch_size = batch_size
         self.history = {name: {"accuracy": [], "nll": []} for name in sets}
 
     def on_epoch_end(self, epoch, logs=None):
         for name, (x, y) in self.sets.items():
-            accuracy, nll = accuracy_and_nll(logits_of(self.inner_model, x), y)
+            logits = predict_logits(self.inner_model, x, self.batch_size)
+            accuracy, nll = accuracy_and_nll(logits, y)
             self.history[name]["accuracy"].append(accuracy)
             self.history[name]["nll"].append(nll)
+
+
+class ReferenceDrift(keras.callbacks.Callback):
+    """After every epoch, the mean `KL(model || reference)` on fixed inputs.
+
+    Args:
+        x: The inputs (an array or a dict of arrays).
+        reference_logits: The reference model's logits on `x` (θ0's).
+        model: The model being trained.
+        batch_size: As in `predict_logits`.
+    """
+
+    def __init__(self, x, reference_logits, model, batch_size=None):
+        super().__init__()
+        self.x = x
+        self.reference = log_softmax(reference_logits)
+        self.inner_model = model
+        self.batch_size = batch_size
+        self.values = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        log_p = log_softmax(predict_logits(self.inner_model, self.x, self.batch_size))
+        kl = np.sum(np.exp(log_p) * (log_p - self.reference), axis=-1)
+        self.values.append(float(kl.mean()))
 
 
 def logits_of(model, x, training=False, batch_size=1000):
     """Runs `model` eagerly in chunks and returns float64 NumPy logits."""
     chunks = [
-        keras.ops.convert_to_numpy(model(x[i : i + batch_size], training=training))
-        for i in range(0, len(x), batch_size)
+        keras.ops.convert_to_numpy(
+            model(take(x, slice(i, i + batch_size)), training=training)
+        )
+        for i in range(0, num_rows(x), batch_size)
     ]
     return np.concatenate(chunks).astype("float64")
+
+
+def predict_logits(model, x, batch_size=None):
+    """Inference logits as float64 NumPy.
+
+    `batch_size=None` runs the model eagerly in chunks (quick for a small
+    model, no compilation); a number runs the compiled `model.predict` with
+    that batch size, worth it for a large model such as a transformer.
+    """
+    if batch_size is None:
+        return logits_of(model, x)
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), "float64")
 
 
 def log_softmax(logits):
@@ -282,30 +338,6 @@ def accuracy_and_nll(logits, y):
 # -------------------------------------------------------------------- reports
 
 
-def mean_std(values, scale=1.0, digits=2, signed=False):
-    values = np.asarray(values, "float64") * scale
-    sign = "+" if signed else ""
-    mean = f"{values.mean():{sign}.{digits}f}"
-    if len(values) < 2:
-        return mean
-    return f"{mean} ± {values.std(ddof=1):.{digits}f}"
-
-
-def markdown_table(headers, rows):
-    lines = ["| " + " | ".join(headers) + " |"]
-    lines.append("|" + "|".join("---" for _ in headers) + "|")
-    lines.extend("| " + " | ".join(str(c) for c in row) + " |" for row in rows)
-    return "\n".join(lines)
-
-
-def parse_floats(text):
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
-def parse_ints(text):
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
 def machine_description():
     import os
     import platform
@@ -314,24 +346,3 @@ def machine_description():
         f"keras {keras.__version__}, backend {keras.backend.backend()}, "
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores"
     )
-
-
-def figures_dir(args):
-    """`--figures-dir`, else docs/figures, else (with `--tiny`) a temp folder."""
-    if args.figures_dir is not None:
-        return Path(args.figures_dir)
-    if args.tiny:
-        import tempfile
-
-        return Path(tempfile.gettempdir()) / "keras_rdrop_tiny_figures"
-    return DEFAULT_FIGURES_DIR
-
-
-def pyplot():
-    """matplotlib's pyplot on the non-interactive Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

