@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
+import harness_reports  # noqa: E402
 
 DEFAULTS = dict(seeds=2, betas="0.3,3", pretrain_epochs=10, finetune_epochs=8)
 FULL = dict(seeds=3, betas="0.1,0.3,1,3,10", pretrain_epochs=15, finetune_epochs=15)
@@ -288,7 +289,7 @@ def run(args, log=print):
                 f"{time.perf_counter() - start:.0f} s)"
             )
             if args.runs_json:
-                harness.save_json(
+                harness_reports.save_json(
                     args.runs_json, {"before": pretrained, "finetuned": finetuned}
                 )
     results = {"before": pretrained, "finetuned": finetuned, "args": args}
@@ -311,7 +312,7 @@ def run(args, log=print):
         "learned": "new-domain test accuracy (%), learned",
         "before": "pretrained, not fine-tuned",
     }
-    results["markdown"] = harness.anchor_markdown(
+    results["markdown"] = harness_reports.anchor_markdown(
         results,
         title="Forgetting: fine-tuning on a shifted domain, with and without the "
         "reference-KL anchor",
@@ -321,7 +322,7 @@ def run(args, log=print):
     names["learned"] = (
         f"new domain: test accuracy, digits {shift_description(args)} (%)"
     )
-    results["figures"] = harness.anchor_figure(
+    results["figures"] = harness_reports.anchor_figure(
         results,
         harness.figures_dir(args),
         "forgetting_tradeoff.png",
@@ -337,7 +338,7 @@ def run(args, log=print):
 def main(argv=None):
     args = parse_args(argv)
     harness.select_backend(args.backend)
-    return harness.print_results(run(args))
+    return harness_reports.print_results(run(args))
 
 
 if __name__ == "__main__":

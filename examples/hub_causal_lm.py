@@ -41,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
+import harness_reports  # noqa: E402
 
 END = "<|endoftext|>"
 
@@ -372,7 +373,7 @@ def main(argv=None):
                 {"alpha": f"{alpha:g}", "beta": f"{beta:g}", "ppl": ppl, "logs": logs}
             )
             print(f"seed={seed} {name}: {ppl} logs {logs}", flush=True)
-    harness.print_and_save(table(rows), start, args.results)
+    harness_reports.print_and_save(table(rows), start, args.results)
     return rows
 
 

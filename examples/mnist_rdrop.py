@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
+import harness_reports  # noqa: E402
 
 DEFAULTS = dict(
     train_size=1000,
@@ -208,7 +209,7 @@ def run(args, log=print):
         tag="mnist",
         checkpoint=args.runs_json,
     )
-    return harness.report_sweep(
+    return harness_reports.report_sweep(
         args,
         runs,
         title="R-Drop vs baseline on MNIST digits",
@@ -240,7 +241,7 @@ def describe_setup(args, x, num_classes, alphas):
 def main(argv=None):
     args = parse_args(argv)
     harness.select_backend(args.backend)
-    return harness.print_results(run(args))
+    return harness_reports.print_results(run(args))
 
 
 if __name__ == "__main__":

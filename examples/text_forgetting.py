@@ -37,6 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
+import harness_reports  # noqa: E402
 import text_rdrop  # noqa: E402
 
 DEFAULTS = dict(
@@ -332,7 +333,7 @@ def run(args, log=print):
                 f"total {time.perf_counter() - start:.0f} s)"
             )
             if args.runs_json:
-                harness.save_json(
+                harness_reports.save_json(
                     args.runs_json, {"before": before, "finetuned": finetuned}
                 )
     setup = (
@@ -356,13 +357,13 @@ def run(args, log=print):
         "drift": "KL(model ‖ θ0) on task-A test texts",
         "before": "θ0: fine-tuned on task A only",
     }
-    results["markdown"] = harness.anchor_markdown(
+    results["markdown"] = harness_reports.anchor_markdown(
         results,
         title="Forgetting on text: MiniLM, movie reviews (A) then tweets (B), "
         "with and without the reference-KL anchor",
         names=names,
     )
-    results["figures"] = harness.anchor_figure(
+    results["figures"] = harness_reports.anchor_figure(
         results,
         harness.figures_dir(args),
         "text_forgetting_tradeoff.png",
@@ -378,7 +379,7 @@ def run(args, log=print):
 def main(argv=None):
     args = parse_args(argv)
     harness.select_backend(args.backend)
-    return harness.print_results(run(args))
+    return harness_reports.print_results(run(args))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
+import harness_reports  # noqa: E402
 
 DEFAULTS = dict(
     train_size=160,
@@ -346,7 +347,7 @@ def run(args, log=print):
         "accuracy over seeds; the test split is never used for a choice. "
         f"Backend: {machine_description()}."
     )
-    return harness.report_sweep(
+    return harness_reports.report_sweep(
         args,
         runs,
         title="R-Drop vs baseline: MiniLM fine-tuned on TREC questions",
@@ -359,7 +360,7 @@ def run(args, log=print):
 def main(argv=None):
     args = parse_args(argv)
     harness.select_backend(args.backend)
-    return harness.print_results(run(args))
+    return harness_reports.print_results(run(args))
 
 
 if __name__ == "__main__":

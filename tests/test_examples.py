@@ -29,6 +29,7 @@ def examples():
             name: importlib.import_module(name)
             for name in (
                 "harness",
+                "harness_reports",
                 "rdrop_demo_utils",
                 "mnist_rdrop",
                 "forgetting",
@@ -272,7 +273,7 @@ def test_paired_sweep_pairs_and_checkpoints(examples, tmp_path):
     assert row["epoch"] == 1  # the better validation epoch
     np.testing.assert_allclose(row["diff_accuracy"], [0.1, 0.1])
     assert row["wins"] == 2
-    text = harness.sweep_markdown(summary, "T", "setup")
+    text = examples["harness_reports"].sweep_markdown(summary, "T", "setup")
     assert "| R-Drop (alpha = 1) | 2 | 60.50 ± 0.71 |" in text
     assert "| 250 ± 0 |" in text  # the step time, ms
 
