@@ -15,6 +15,7 @@ from keras_rdrop.src.consistency_terms import (
     unscale_for_distribution,
 )
 from keras_rdrop.src.fused_cross_entropy import FusedLanguageModelLoss
+from keras_rdrop.src.fused_reference_kl import AnchorTask, FusedAnchorLoss
 from keras_rdrop.src.keras_hub_pipeline import TaskPreprocessingModel
 from keras_rdrop.src.keras_internals import (
     flatten_layers,
@@ -318,8 +319,15 @@ class RDropModel(TaskPreprocessingModel):
             y_pred_2 = self.model(x, training=True) if self._rdrop_enabled() else None
         plan = self._plans.get(self, y_pred_1)
         batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
-        consistency = None
-        if y_pred_2 is None:
+        consistency = penalty = None
+        args = (self.loss, self._loss_weights, y, y_pred_1, y_pred_2, sample_weight)
+        if self.reference.active and FusedAnchorLoss().applies(plan, *args):
+            # The task loss and the reference KL in one chunked pass.
+            task = AnchorTask(self.loss, self._loss_weights, self.losses, y, y_pred_2)
+            penalty, (task_loss, consistency) = self.reference.penalty(
+                plan, self.model, x, y_pred_1, sample_weight, batch_size, task
+            )
+        elif y_pred_2 is None:
             task_loss = self._task_loss(x, y, y_pred_1, sample_weight)
         else:
             task_loss, consistency = self._two_pass_loss(
@@ -337,10 +345,12 @@ class RDropModel(TaskPreprocessingModel):
         self.task_loss_tracker.update_state(
             unscale_for_distribution(task_loss), sample_weight=batch_size
         )
-        if self.reference.active:
-            total = total + self.reference.penalty(
+        if self.reference.active and penalty is None:
+            penalty, _ = self.reference.penalty(
                 plan, self.model, x, y_pred_1, sample_weight, batch_size
             )
+        if penalty is not None:
+            total = total + penalty
         return total
 
     def _task_loss(self, x, y, y_pred, sample_weight):
