@@ -249,9 +249,11 @@ def test_other_losses_take_the_general_anchor_path(monkeypatch):
 )
 @pytest.mark.parametrize("passes", [1, 2], ids=["anchor", "rdrop_anchor"])
 def test_only_the_live_logits_and_reference_are_kept_torch(passes):
-    # The fused loss keeps its live inputs (saved by autograd) and the
-    # reference's logits (held for the backward pass), nothing else of their
-    # size; Keras' cross-entropy keeps its log-probabilities.
+    # Autograd saves the fused loss's live inputs and nothing else of their
+    # size. Its backward function keeps, chunk by chunk, the reference's
+    # log-probabilities in place of its logits and, with one pass, the live
+    # log-probabilities, which Keras' cross-entropy keeps too (the general
+    # path's chunked KL saves the reference's logits as well).
     import torch
 
     from keras_rdrop import kl_divergence
@@ -283,7 +285,6 @@ def test_only_the_live_logits_and_reference_are_kept_torch(passes):
 
     inputs = {t.untyped_storage().data_ptr() for t in live}
     saved, out = full_size_saved(fused)
-    # (The reference's logits are held by the backward function itself.)
     assert saved == inputs
     torch.sum(out).backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in live)

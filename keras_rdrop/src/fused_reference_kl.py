@@ -122,46 +122,49 @@ def cross_entropy_and_reference_kl(live, reference, labels, kind: str = "kl"):
     def log_softmax(x):
         return ops.log_softmax(ops.cast(x, "float32"), axis=-1)
 
-    def value_chunk(xs, ref, labels):
-        log_ps = [log_softmax(x) for x in xs]
+    def value_chunk(log_ps, log_r, labels):
         index = ops.expand_dims(labels, -1)
         out = [-ops.take_along_axis(lp, index, axis=-1)[..., 0] for lp in log_ps]
-        if len(xs) == 2:
+        if len(log_ps) == 2:
             out.append(kl_of_log_probs(log_ps[0], log_ps[1], -1, symmetric=True))
-        out.append(_reference_kl(log_ps[0], log_softmax(ref), kind))
+        out.append(_reference_kl(log_ps[0], log_r, kind))
         return ops.stack(out)
 
-    def grads_chunk(xs, ref, labels, upstream):
-        log_ps = [log_softmax(x) for x in xs]
+    def grads_chunk(log_ps, log_r, labels, upstream):
         ps = [ops.exp(lp) for lp in log_ps]
         one_hot = ops.one_hot(labels, num_classes, dtype="float32")
         ups = [ops.expand_dims(upstream[i], -1) for i in range(count)]
         # dCE/dx = softmax(x) - one_hot(label).
-        grads = [ups[i] * (ps[i] - one_hot) for i in range(len(xs))]
-        if len(xs) == 2:
+        grads = [ups[i] * (ps[i] - one_hot) for i in range(len(log_ps))]
+        if len(log_ps) == 2:
             kl_a, kl_b = kl_of_logits_grad_terms(
                 log_ps[0], log_ps[1], ps[0], ps[1], -1, symmetric=True
             )
             grads[0] = grads[0] + ups[2] * kl_a
             grads[1] = grads[1] + ups[2] * kl_b
-        ref_term = _reference_kl_grad(log_ps[0], log_softmax(ref), ps[0], kind)
+        ref_term = _reference_kl_grad(log_ps[0], log_r, ps[0], kind)
         grads[0] = grads[0] + ups[-1] * ref_term
-        return [ops.cast(g, x.dtype) for g, x in zip(grads, xs)]
+        return [ops.cast(g, x.dtype) for g, x in zip(grads, passes)]
 
-    def chunk_args(xs):
-        live_pieces = [_pieces(x, chunk_axis, split) for x in xs]
-        return (
-            list(zip(*live_pieces)),
-            _pieces(reference, chunk_axis, split),
-            _pieces(labels, chunk_axis, split),
-        )
+    def live_chunks(xs):
+        return list(zip(*(_pieces(x, chunk_axis, split) for x in xs)))
 
     @ops.custom_gradient
     def op(*xs):
-        live_chunks, ref_chunks, label_chunks = chunk_args(xs)
-        values = [
-            value_chunk(*args) for args in zip(live_chunks, ref_chunks, label_chunks)
-        ]
+        label_chunks = _pieces(labels, chunk_axis, split)
+        ref_chunks = _pieces(reference, chunk_axis, split)
+        values, kept = [], []
+        for x_chunks, ref, chunk_labels in zip(
+            live_chunks(xs), ref_chunks, label_chunks
+        ):
+            log_ps = [log_softmax(x) for x in x_chunks]
+            log_r = log_softmax(ref)
+            values.append(value_chunk(log_ps, log_r, chunk_labels))
+            # Kept for the backward pass in place of the reference's logits:
+            # its log-probabilities, and with one pass the live ones (Keras'
+            # cross-entropy keeps those too). Two passes are recomputed.
+            kept.append((log_ps if len(xs) == 1 else None, log_r))
+        del ref_chunks
         value = (
             values[0] if len(values) == 1 else ops.concatenate(values, 1 + chunk_axis)
         )
@@ -171,13 +174,16 @@ def cross_entropy_and_reference_kl(live, reference, labels, kind: str = "kl"):
             # `grad(*xs, upstream=upstream)` (see `keras.ops.custom_gradient`).
             if upstream is None:
                 (upstream,) = args
-            live_chunks, ref_chunks, label_chunks = chunk_args(xs)
             up_chunks = _pieces(upstream, 1 + chunk_axis, split)
-            per_chunk = [
-                grads_chunk(*args)
-                for args in zip(live_chunks, ref_chunks, label_chunks, up_chunks)
-            ]
-            del live_chunks, ref_chunks, up_chunks
+            recomputed = live_chunks(xs) if len(xs) == 2 else [None] * len(kept)
+            per_chunk = []
+            for (log_ps, log_r), x_chunks, chunk_labels, up in zip(
+                kept, recomputed, label_chunks, up_chunks
+            ):
+                if log_ps is None:
+                    log_ps = [log_softmax(x) for x in x_chunks]
+                per_chunk.append(grads_chunk(log_ps, log_r, chunk_labels, up))
+            del recomputed, up_chunks
             grads = []
             for i in range(len(xs)):
                 pieces = [chunk[i] for chunk in per_chunk]
