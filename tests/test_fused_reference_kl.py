@@ -250,10 +250,11 @@ def test_other_losses_take_the_general_anchor_path(monkeypatch):
 @pytest.mark.parametrize("passes", [1, 2], ids=["anchor", "rdrop_anchor"])
 def test_only_the_live_logits_and_reference_are_kept_torch(passes):
     # Autograd saves the fused loss's live inputs and nothing else of their
-    # size. Its backward function keeps, chunk by chunk, the reference's
-    # log-probabilities in place of its logits and, with one pass, the live
-    # log-probabilities, which Keras' cross-entropy keeps too (the general
-    # path's chunked KL saves the reference's logits as well).
+    # size. Its backward function itself keeps, chunk by chunk, with one pass
+    # the two gradient terms (cross-entropy and KL; Keras' cross-entropy
+    # keeps its log-probabilities instead of the first), with two the
+    # reference's log-probabilities; the general path's chunked KL saves the
+    # reference's logits.
     import torch
 
     from keras_rdrop import kl_divergence

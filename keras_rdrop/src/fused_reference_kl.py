@@ -130,21 +130,31 @@ def cross_entropy_and_reference_kl(live, reference, labels, kind: str = "kl"):
         out.append(_reference_kl(log_ps[0], log_r, kind))
         return ops.stack(out)
 
-    def grads_chunk(log_ps, log_r, labels, upstream):
+    def unit_grads(log_ps, log_r, labels):
+        """Per pass, `(output index, d output / d logits)` pairs."""
         ps = [ops.exp(lp) for lp in log_ps]
         one_hot = ops.one_hot(labels, num_classes, dtype="float32")
-        ups = [ops.expand_dims(upstream[i], -1) for i in range(count)]
         # dCE/dx = softmax(x) - one_hot(label).
-        grads = [ups[i] * (ps[i] - one_hot) for i in range(len(log_ps))]
+        units = [[(i, p - one_hot)] for i, p in enumerate(ps)]
         if len(log_ps) == 2:
             kl_a, kl_b = kl_of_logits_grad_terms(
                 log_ps[0], log_ps[1], ps[0], ps[1], -1, symmetric=True
             )
-            grads[0] = grads[0] + ups[2] * kl_a
-            grads[1] = grads[1] + ups[2] * kl_b
+            units[0].append((2, kl_a))
+            units[1].append((2, kl_b))
         ref_term = _reference_kl_grad(log_ps[0], log_r, ps[0], kind)
-        grads[0] = grads[0] + ups[-1] * ref_term
-        return [ops.cast(g, x.dtype) for g, x in zip(grads, passes)]
+        units[0].append((count - 1, ref_term))
+        return units
+
+    def grads_chunk(units, upstream):
+        grads = []
+        for pass_units, x in zip(units, passes):
+            grad = None
+            for i, term in pass_units:
+                term = ops.expand_dims(upstream[i], -1) * term
+                grad = term if grad is None else grad + term
+            grads.append(ops.cast(grad, x.dtype))
+        return grads
 
     def live_chunks(xs):
         return list(zip(*(_pieces(x, chunk_axis, split) for x in xs)))
@@ -161,9 +171,14 @@ def cross_entropy_and_reference_kl(live, reference, labels, kind: str = "kl"):
             log_r = log_softmax(ref)
             values.append(value_chunk(log_ps, log_r, chunk_labels))
             # Kept for the backward pass in place of the reference's logits:
-            # its log-probabilities, and with one pass the live ones (Keras'
-            # cross-entropy keeps those too). Two passes are recomputed.
-            kept.append((log_ps if len(xs) == 1 else None, log_r))
+            # with one pass, the two gradient terms (as TensorFlow's
+            # cross-entropy keeps its gradient), so that the backward pass
+            # only weighs them; with two, the reference's log-probabilities
+            # (the passes' are recomputed).
+            if len(xs) == 1:
+                kept.append(unit_grads(log_ps, log_r, chunk_labels))
+            else:
+                kept.append(log_r)
         del ref_chunks
         value = (
             values[0] if len(values) == 1 else ops.concatenate(values, 1 + chunk_axis)
@@ -177,12 +192,14 @@ def cross_entropy_and_reference_kl(live, reference, labels, kind: str = "kl"):
             up_chunks = _pieces(upstream, 1 + chunk_axis, split)
             recomputed = live_chunks(xs) if len(xs) == 2 else [None] * len(kept)
             per_chunk = []
-            for (log_ps, log_r), x_chunks, chunk_labels, up in zip(
+            for kept_chunk, x_chunks, chunk_labels, up in zip(
                 kept, recomputed, label_chunks, up_chunks
             ):
-                if log_ps is None:
+                units = kept_chunk  # one pass: the gradient terms
+                if x_chunks is not None:  # two: the reference's log-probabilities
                     log_ps = [log_softmax(x) for x in x_chunks]
-                per_chunk.append(grads_chunk(log_ps, log_r, chunk_labels, up))
+                    units = unit_grads(log_ps, kept_chunk, chunk_labels)
+                per_chunk.append(grads_chunk(units, up))
             del recomputed, up_chunks
             grads = []
             for i in range(len(xs)):
