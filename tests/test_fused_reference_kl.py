@@ -1,5 +1,7 @@
 """The anchor's fused cross-entropy + KL to the reference (language models)."""
 
+import types
+
 import keras
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from keras_rdrop.src import chunked_gradients
 from keras_rdrop.src.fused_cross_entropy import FusedLanguageModelLoss
 from keras_rdrop.src.fused_reference_kl import (
     FusedAnchorLoss,
+    chunked_for,
     cross_entropy_and_reference_kl,
 )
 from tests.test_divergences import _finite_difference_grad, _grad
@@ -295,3 +298,12 @@ def test_only_the_live_logits_and_reference_are_kept_torch(passes):
         saved, _ = full_size_saved(general)
         extra = saved - inputs - {ref.untyped_storage().data_ptr()}
         assert len(extra) == 1
+
+
+def test_chunked_except_under_tensorflow_xla():
+    # TensorFlow's XLA fuses the whole-tensor pass into fewer buffers than
+    # the chunked one (see `chunked_for`); every other case runs by chunks.
+    xla = types.SimpleNamespace(jit_compile=True)
+    assert chunked_for(xla) is (keras.backend.backend() != "tensorflow")
+    assert chunked_for(types.SimpleNamespace(jit_compile=False))
+    assert chunked_for(object())

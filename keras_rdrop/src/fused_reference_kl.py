@@ -72,7 +72,9 @@ def _pieces(x, axis: int, split):
     return [x[lead + (slice(start, stop),)] for start, stop in split[1]]
 
 
-def cross_entropy_and_reference_kl(live, reference, labels, kind: str = "kl"):
+def cross_entropy_and_reference_kl(
+    live, reference, labels, kind: str = "kl", chunked: bool = True
+):
     """Per position: the live passes' cross-entropies and their KLs.
 
     Args:
@@ -85,6 +87,8 @@ def cross_entropy_and_reference_kl(live, reference, labels, kind: str = "kl"):
         kind: The KL to the reference: `"kl"` (KL(live || reference)),
             `"reverse_kl"` (KL(reference || live)) or `"symmetric_kl"`
             (their mean).
+        chunked: Whether to compute it by chunks (`chunked_gradients.chunks`)
+            or on the whole tensors at once. Defaults to `True`.
 
     Returns:
         A float32 tensor of shape `(n,) + logits.shape[:-1]`. With one pass,
@@ -115,7 +119,7 @@ def cross_entropy_and_reference_kl(live, reference, labels, kind: str = "kl"):
     reference = as_float(reference, "reference")
     axis = len(passes[0].shape) - 1
     num_classes = passes[0].shape[-1]
-    split = chunks(tuple(passes[0].shape), axis)
+    split = chunks(tuple(passes[0].shape), axis) if chunked else None
     chunk_axis = 0 if split is None else split[0]
     count = 2 if len(passes) == 1 else 4
 
@@ -230,6 +234,8 @@ class AnchorTask:
             the reference's pass.
         y: Sparse labels.
         y_pred_2: R-Drop's second pass, or `None` (`alpha=0`).
+        chunked: Whether the fused pass runs by chunks (see
+            `chunked_for`).
     """
 
     loss: keras.losses.Loss
@@ -237,6 +243,23 @@ class AnchorTask:
     losses: list
     y: object
     y_pred_2: object = None
+    chunked: bool = True
+
+
+def chunked_for(model: keras.Model) -> bool:
+    """Whether the fused anchor pass of `model`'s training step runs by chunks.
+
+    Not on TensorFlow with XLA (`jit_compile=True`): there XLA fuses the
+    whole-tensor pass into fewer buffers than the chunked one. On lm50k
+    (benchmarks/bench.py, CPU) the step's XLA temp was 607.8 MB whole
+    against 985.4 MB chunked (one logits tensor: 196.3 MB), at the same CPU
+    time. Everywhere else (JAX, torch, TensorFlow without XLA) chunks bound
+    the pass's temporaries.
+    """
+    return not (
+        keras.backend.backend() == "tensorflow"
+        and getattr(model, "jit_compile", False) is True
+    )
 
 
 class FusedAnchorLoss:
@@ -281,7 +304,9 @@ class FusedAnchorLoss:
         check_values(y_pred, True, "categorical", -1, "y_pred")
         labels, valid = task_labels(task.loss, task.y, y_pred)
         live = y_pred if task.y_pred_2 is None else (y_pred, task.y_pred_2)
-        values = cross_entropy_and_reference_kl(live, reference, labels, kind)
+        values = cross_entropy_and_reference_kl(
+            live, reference, labels, kind, chunked=task.chunked
+        )
         kl = reduced_consistency(kind, values[-1], y_pred, reference, sample_weight)
         if task.y_pred_2 is None:
             task_loss = reduced_cross_entropy(

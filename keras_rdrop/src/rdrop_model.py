@@ -15,7 +15,11 @@ from keras_rdrop.src.consistency_terms import (
     unscale_for_distribution,
 )
 from keras_rdrop.src.fused_cross_entropy import FusedLanguageModelLoss
-from keras_rdrop.src.fused_reference_kl import AnchorTask, FusedAnchorLoss
+from keras_rdrop.src.fused_reference_kl import (
+    AnchorTask,
+    FusedAnchorLoss,
+    chunked_for,
+)
 from keras_rdrop.src.keras_hub_pipeline import TaskPreprocessingModel
 from keras_rdrop.src.keras_internals import (
     flatten_layers,
@@ -323,7 +327,14 @@ class RDropModel(TaskPreprocessingModel):
         args = (self.loss, self._loss_weights, y, y_pred_1, y_pred_2, sample_weight)
         if self.reference.active and FusedAnchorLoss().applies(plan, *args):
             # The task loss and the reference KL in one chunked pass.
-            task = AnchorTask(self.loss, self._loss_weights, self.losses, y, y_pred_2)
+            task = AnchorTask(
+                self.loss,
+                self._loss_weights,
+                self.losses,
+                y,
+                y_pred_2,
+                chunked_for(self),
+            )
             penalty, (task_loss, consistency) = self.reference.penalty(
                 plan, self.model, x, y_pred_1, sample_weight, batch_size, task
             )
