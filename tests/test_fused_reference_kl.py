@@ -1,6 +1,7 @@
 """The anchor's fused cross-entropy + KL to the reference (language models)."""
 
 import types
+import weakref
 
 import keras
 import numpy as np
@@ -307,3 +308,22 @@ def test_chunked_except_under_tensorflow_xla():
     assert chunked_for(xla) is (keras.backend.backend() != "tensorflow")
     assert chunked_for(types.SimpleNamespace(jit_compile=False))
     assert chunked_for(object())
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "torch",
+    reason="torch runs the step eagerly, so when a tensor is freed is "
+    "observable; JAX and TensorFlow trace the op",
+)
+def test_reference_logits_are_not_kept_for_backward_torch():
+    import torch
+
+    live = torch.randn(2, 8, 50, requires_grad=True)
+    ref = torch.randn(2, 8, 50)
+    labels = torch.randint(0, 50, (2, 8), dtype=torch.int32)
+    alive = weakref.ref(ref)
+    out = cross_entropy_and_reference_kl(live, ref, labels)
+    del ref
+    assert alive() is None
+    torch.sum(out).backward()
+    assert torch.isfinite(live.grad).all()

@@ -163,10 +163,20 @@ def cross_entropy_and_reference_kl(
     def live_chunks(xs):
         return list(zip(*(_pieces(x, chunk_axis, split) for x in xs)))
 
+    # On torch the backward function keeps `op`, and so what it closes over,
+    # until the backward pass: the reference's logits are handed over and
+    # dropped in the forward pass, which torch runs once (JAX may trace it
+    # more than once).
+    constant = {"reference": reference}
+    drop = keras.backend.backend() == "torch"
+    del reference
+
     @ops.custom_gradient
     def op(*xs):
         label_chunks = _pieces(labels, chunk_axis, split)
-        ref_chunks = _pieces(reference, chunk_axis, split)
+        ref = constant.pop("reference") if drop else constant["reference"]
+        ref_chunks = _pieces(ref, chunk_axis, split)
+        del ref
         values, kept = [], []
         for x_chunks, ref, chunk_labels in zip(
             live_chunks(xs), ref_chunks, label_chunks
