@@ -168,6 +168,89 @@ def additional_loss(loss):
     return ops.sum(loss)
 
 
+def fusable_step(plan, loss, loss_weights, y, y_pred, sample_weight) -> bool:
+    """Whether one step's task loss can be computed by a fused pass.
+
+    The conditions every fused path shares: one output, whose consistency
+    term is a categorical KL of logits, the compiled loss exactly
+    `SparseCategoricalCrossentropy(from_logits=True)` (`fusable_loss`), a
+    float `loss_weights` or none, and sparse labels of the right shape.
+    """
+    nested = keras.tree.is_nested
+    if nested(y_pred) or nested(y) or nested(sample_weight):
+        return False
+    if isinstance(loss_weights, bool) or not (
+        loss_weights is None or isinstance(loss_weights, numbers.Real)
+    ):
+        return False
+    if not fusable_loss(loss, y_pred):
+        return False
+    (entry,) = plan
+    term = entry.term
+    if term is None or term.kind != "distribution":
+        return False
+    if term.from_logits is not True or term.distribution != "auto":
+        return False
+    return sparse_labels(y, y_pred) is not None
+
+
+def task_labels(loss, y, y_pred):
+    """`(labels, valid)`: valid class ids for the fused pass, and which count.
+
+    `valid` is `None` without an `ignore_class`; with one, its positions are
+    `False` and their labels are mapped to 0.
+    """
+    labels = sparse_labels(y, y_pred)
+    ignore_class = loss_setting(loss, "ignore_class")
+    valid = None
+    if ignore_class is not None:
+        valid = ops.not_equal(labels, ignore_class)
+        labels = ops.where(valid, labels, ops.zeros_like(labels))
+    return labels, valid
+
+
+def reduced_cross_entropy(loss, loss_weights, y, values, y_pred, valid, sample_weight):
+    """Per-position cross-entropy `values` of `y_pred`, reduced as Keras does.
+
+    Applies the Keras mask of `y_pred`, the `ignore_class` positions
+    (`valid`), `sample_weight`, the reduction of `loss` and `loss_weights`,
+    as Keras' compiled loss does for one output.
+    """
+    mask = get_keras_mask(y_pred)
+    if valid is not None:
+        values = ops.where(valid, values, ops.zeros_like(values))
+        mask = valid if mask is None else ops.logical_and(mask, valid)
+    if mask is not None:
+        set_keras_mask(values, mask)
+    value = ops.cast(
+        ReducedLike(loss)(y, values, copy_sample_weight(sample_weight)),
+        keras.backend.floatx(),
+    )
+    if loss_weights is not None:
+        value = ops.multiply(value, loss_weights)
+    return value
+
+
+def reduced_consistency(kind, values, a, b, sample_weight):
+    """Per-position KL `values` of `kind` between `a` and `b`, reduced.
+
+    As `PairwiseTerm(kind)(a, b, sample_weight=...)` reduces them on the
+    general path: the Keras mask of `b`, the weights of `position_weights`.
+    """
+    mask = get_keras_mask(b)
+    if mask is not None:
+        set_keras_mask(values, mask)
+    weights = position_weights(copy_sample_weight(sample_weight), a)
+    return ReducedLike(PairwiseTerm(kind))(a, values, weights)
+
+
+def with_additional_losses(task_loss, losses):
+    """`task_loss` plus each `model.losses` entry, as `compute_loss` adds them."""
+    for extra in losses:
+        task_loss = task_loss + additional_loss(extra)
+    return task_loss
+
+
 class FusedLanguageModelLoss:
     """The language-model path: both task losses and the KL in one chunked pass.
 
@@ -182,22 +265,12 @@ class FusedLanguageModelLoss:
 
     def applies(self, plan, loss, loss_weights, y, y_pred_1, y_pred_2, sample_weight):
         """Whether this path computes the step; see the class docstring."""
-        nested = keras.tree.is_nested
-        if y_pred_2 is None or nested(y_pred_1) or nested(y) or nested(sample_weight):
+        if y_pred_2 is None:
             return False
-        if isinstance(loss_weights, bool) or not (
-            loss_weights is None or isinstance(loss_weights, numbers.Real)
-        ):
-            return False
-        if not fusable_loss(loss, y_pred_1):
+        if not fusable_step(plan, loss, loss_weights, y, y_pred_1, sample_weight):
             return False
         (entry,) = plan
-        term = entry.term
-        if entry.alpha == 0 or term is None or term.kind != "distribution":
-            return False
-        if term.from_logits is not True or term.distribution != "auto":
-            return False
-        return sparse_labels(y, y_pred_1) is not None
+        return entry.alpha != 0
 
     def compute(
         self,
@@ -229,41 +302,47 @@ class FusedLanguageModelLoss:
                 Rows whose label is `ignore_class` get the KL either way.
         """
         (entry,) = plan
-        labels = sparse_labels(y, y_pred_1)
         check_values(y_pred_1, True, "categorical", -1, "y_pred")
-        ignore_class = loss_setting(loss, "ignore_class")
-        valid = None
-        if ignore_class is not None:
-            valid = ops.not_equal(labels, ignore_class)
-            labels = ops.where(valid, labels, ops.zeros_like(labels))
+        labels, valid = task_labels(loss, y, y_pred_1)
         values = cross_entropy_and_symmetric_kl(y_pred_1, y_pred_2, labels)
-        reduce = ReducedLike(loss)
-        task_losses = []
-        for i, y_pred in enumerate((y_pred_1, y_pred_2)):
-            values_i = values[i]
-            mask = get_keras_mask(y_pred)
-            if valid is not None:
-                values_i = ops.where(valid, values_i, ops.zeros_like(values_i))
-                mask = valid if mask is None else ops.logical_and(mask, valid)
-            if mask is not None:
-                set_keras_mask(values_i, mask)
-            value = ops.cast(
-                reduce(y, values_i, copy_sample_weight(sample_weight)),
-                keras.backend.floatx(),
-            )
-            if loss_weights is not None:
-                value = ops.multiply(value, loss_weights)
-            task_losses.append(value)
-        task_loss = 0.5 * (task_losses[0] + task_losses[1])
-        for extra in losses:
-            task_loss = task_loss + additional_loss(extra)
-        # The KL is reduced as `PairwiseTerm` reduces it on the general path.
-        skl = values[2]
-        mask = get_keras_mask(y_pred_2)
-        if mask is not None:
-            set_keras_mask(skl, mask)
-        weights = None
-        if weight_consistency:
-            weights = position_weights(copy_sample_weight(sample_weight), y_pred_1)
-        kl = ReducedLike(PairwiseTerm("symmetric_kl"))(y_pred_1, skl, weights)
-        return task_loss, {"weighted": entry.alpha * kl, "unweighted": kl}
+        return reduce_two_passes(
+            entry.alpha,
+            (loss, loss_weights, losses, y, valid, sample_weight),
+            values,
+            y_pred_1,
+            y_pred_2,
+            weight_consistency,
+        )
+
+
+def reduce_two_passes(alpha, task, values, y_pred_1, y_pred_2, weight_consistency=True):
+    """R-Drop's `(task_loss, consistency)` from fused per-position values.
+
+    Args:
+        alpha: The output's R-Drop weight.
+        task: `(loss, loss_weights, losses, y, valid, sample_weight)`, as
+            `FusedLanguageModelLoss.compute` takes them (`valid` from
+            `task_labels`).
+        values: `values[0]`, `values[1]`: the cross-entropy of each pass;
+            `values[2]`: their symmetric KL.
+        y_pred_1, y_pred_2: The two passes' logits (for their masks).
+        weight_consistency: Whether the KL is weighted by `sample_weight`
+            like the task loss (`False`: every position weighs 1).
+    """
+    loss, loss_weights, losses, y, valid, sample_weight = task
+    task_losses = [
+        reduced_cross_entropy(
+            loss, loss_weights, y, values[i], y_pred, valid, sample_weight
+        )
+        for i, y_pred in enumerate((y_pred_1, y_pred_2))
+    ]
+    task_loss = with_additional_losses(0.5 * (task_losses[0] + task_losses[1]), losses)
+    # The KL is reduced as `PairwiseTerm` reduces it on the general path.
+    kl = reduced_consistency(
+        "symmetric_kl",
+        values[2],
+        y_pred_1,
+        y_pred_2,
+        sample_weight if weight_consistency else None,
+    )
+    return task_loss, {"weighted": alpha * kl, "unweighted": kl}

@@ -26,13 +26,18 @@ from keras_rdrop.src.consistency_terms import (
     unscale_for_distribution,
 )
 from keras_rdrop.src.fused_cross_entropy import FusedLanguageModelLoss
+from keras_rdrop.src.fused_reference_kl import (
+    AnchorTask,
+    FusedAnchorLoss,
+    chunked_for,
+)
 from keras_rdrop.src.keras_hub_pipeline import TaskPreprocessingModel
-from keras_rdrop.src.keras_internals import get_keras_mask, set_keras_mask
 from keras_rdrop.src.label_checks import LabelCheck
 from keras_rdrop.src.model_checks import has_stochastic_layer, validate_bool
 from keras_rdrop.src.output_plan import PlanCache
 from keras_rdrop.src.reference_snapshot import ReferenceSnapshot
 from keras_rdrop.src.seed_state import is_seed_key, load_seed_states, save_seed_states
+from keras_rdrop.src.stacked_passes import split_passes, stack_twice
 
 MODES = ("sequential", "concat")
 _OWN_LOG_NAMES = ("kl_loss", "task_loss", "ref_kl")
@@ -307,25 +312,7 @@ class RDropModel(TaskPreprocessingModel):
     def call(self, inputs, training=None):
         if not self._stacks(training):
             return self.model(inputs, training=training)
-        doubled = keras.tree.map_structure(
-            lambda t: ops.concatenate([t, t], axis=0), inputs
-        )
-        return self.model(doubled, training=training)
-
-    def _split(self, y_pred):
-        """Splits the stacked `[pass_1; pass_2]` outputs, masks included."""
-        firsts, seconds = [], []
-        for t in keras.tree.flatten(y_pred):
-            first, second = ops.split(t, 2, axis=0)
-            mask = get_keras_mask(t)
-            if mask is not None:
-                mask_1, mask_2 = ops.split(mask, 2, axis=0)
-                set_keras_mask(first, mask_1)
-                set_keras_mask(second, mask_2)
-            firsts.append(first)
-            seconds.append(second)
-        pack = keras.tree.pack_sequence_as
-        return pack(y_pred, firsts), pack(y_pred, seconds)
+        return self.model(stack_twice(inputs), training=training)
 
     # ------------------------------------------------------------------ loss
 
@@ -349,20 +336,34 @@ class RDropModel(TaskPreprocessingModel):
         if y is not None and self.loss is not None:
             # Also before the first step: Keras' symbolic build at the start
             # of `fit` computes the loss (training=False) on one pass.
-            one_pass = self._split(y_pred)[0] if self._stacks(training) else y_pred
+            one_pass = split_passes(y_pred)[0] if self._stacks(training) else y_pred
             output_names = getattr(self.model, "output_names", None)
             self._check_labels(self.loss, y, one_pass, output_names)
         if not training:
             return super().compute_loss(x, y, y_pred, sample_weight, training=False)
         if self._stacks(training):
-            y_pred_1, y_pred_2 = self._split(y_pred)
+            y_pred_1, y_pred_2 = split_passes(y_pred)
         else:
             y_pred_1 = y_pred
             y_pred_2 = self.model(x, training=True) if self._rdrop_enabled() else None
         plan = self._plans.get(self, y_pred_1)
         batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
-        consistency = None
-        if y_pred_2 is None:
+        consistency = penalty = None
+        args = (self.loss, self._loss_weights, y, y_pred_1, y_pred_2, sample_weight)
+        if self._fuses_anchor() and FusedAnchorLoss().applies(plan, *args):
+            # The task loss and the reference KL in one chunked pass.
+            task = AnchorTask(
+                self.loss,
+                self._loss_weights,
+                self.losses,
+                y,
+                y_pred_2,
+                chunked_for(self),
+            )
+            penalty, (task_loss, consistency) = self.reference.penalty(
+                plan, self.model, x, y_pred_1, sample_weight, batch_size, task
+            )
+        elif y_pred_2 is None:
             task_loss = self._task_loss(x, y, y_pred_1, sample_weight)
         else:
             task_loss, consistency = self._two_pass_loss(
@@ -380,8 +381,8 @@ class RDropModel(TaskPreprocessingModel):
         self.task_loss_tracker.update_state(
             unscale_for_distribution(task_loss), sample_weight=batch_size
         )
-        if self.reference.active:
-            total = total + self.reference.penalty(
+        if self.reference.active and penalty is None:
+            penalty, _ = self.reference.penalty(
                 plan,
                 self.model,
                 x,
@@ -389,7 +390,21 @@ class RDropModel(TaskPreprocessingModel):
                 self._consistency_weight(sample_weight),
                 batch_size,
             )
+        if penalty is not None:
+            total = total + penalty
         return total
+
+    def _fuses_anchor(self) -> bool:
+        """Whether the anchor may take the fused path (`FusedAnchorLoss`).
+
+        Not with a scheduled alpha or `consistency_on_all_rows`, which only
+        the other paths apply.
+        """
+        return (
+            self.reference.active
+            and not self.consistency_on_all_rows
+            and not is_scheduled(self.alpha)
+        )
 
     def _task_loss(self, x, y, y_pred, sample_weight):
         """Keras' own loss of one pass (compiled loss plus `model.losses`)."""
@@ -450,7 +465,7 @@ class RDropModel(TaskPreprocessingModel):
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if self._stacks(self._in_training_step):
-            y_pred, _ = self._split(y_pred)
+            y_pred, _ = split_passes(y_pred)
         results = super().compute_metrics(x, y, y_pred, sample_weight)
         if not self._in_training_step:
             # `evaluate` reports exactly what the inner model would.

@@ -21,6 +21,7 @@ from keras_rdrop.src.consistency_terms import (
     position_weights,
     unscale_for_distribution,
 )
+from keras_rdrop.src.fused_reference_kl import FusedAnchorLoss
 from keras_rdrop.src.keras_internals import set_variable_layout, variable_layout
 
 DIRECTIONS = ("forward", "reverse", "symmetric")
@@ -384,8 +385,12 @@ class ReferenceSnapshot(keras.layers.Layer):
             [value(v) for v in model.non_trainable_variables],
         )
 
-    def penalty(self, plan, model, x, y_pred, sample_weight, batch_size):
+    def penalty(self, plan, model, x, y_pred, sample_weight, batch_size, task=None):
         """`beta * KL` between the live outputs and the reference's, on `x`.
+
+        Where `task` is given (`FusedAnchorLoss.applies` holds for the step),
+        the task loss is computed with the KL, in one chunked pass over the
+        logits (`fused_reference_kl`), and returned with it.
 
         Args:
             plan: The step's per-output plan (`output_plan.build_plan`): the
@@ -395,7 +400,37 @@ class ReferenceSnapshot(keras.layers.Layer):
             y_pred: The live outputs of the first pass on `x`.
             sample_weight: The step's `sample_weight`, or `None`.
             batch_size: The batch's size, to weigh the logged `ref_kl`.
+            task: `None`, or the step's task loss (`AnchorTask`) for the fused
+                path.
+
+        Returns:
+            `(penalty, fused)`: `beta * KL`, and `None` without `task`, else
+            `(task_loss, consistency)` as `FusedAnchorLoss.compute` gives them
+            (`consistency` is `None` without R-Drop's second pass).
         """
+        flat_live, flat_ref = self._reference_outputs(plan, model, x, y_pred)
+        kind = _KIND[self.settings.direction]
+        fused = None
+        if task is not None:
+            task_loss, consistency, total = FusedAnchorLoss().compute(
+                plan, task, flat_live[0], flat_ref[0], sample_weight, kind
+            )
+            fused = (task_loss, consistency)
+        else:
+            total = ops.zeros((), "float32")
+            weights = per_output_weights(
+                copy_sample_weight(sample_weight), len(flat_live)
+            )
+            for entry, live, ref, w in zip(plan, flat_live, flat_ref, weights):
+                if entry.term is None:
+                    continue
+                # The reference is constant: no gradient is computed for it.
+                loss = entry.term.pairwise(kind, constant_b=True)
+                total = total + loss(live, ref, sample_weight=position_weights(w, live))
+        return self._weighted_penalty(total, batch_size), fused
+
+    def _reference_outputs(self, plan, model, x, y_pred):
+        """The flat live outputs and the reference's (gradient stopped) on `x`."""
         trainable, non_trainable = self._reference_values(model)
         ref_pred, _ = model.stateless_call(trainable, non_trainable, x, training=False)
         flat_live = keras.tree.flatten(y_pred)
@@ -405,21 +440,17 @@ class ReferenceSnapshot(keras.layers.Layer):
                 f"The reference gives {len(flat_ref)} outputs but the model gives "
                 f"{len(flat_live)}."
             )
-        weights = per_output_weights(copy_sample_weight(sample_weight), len(flat_live))
-        kind = _KIND[self.settings.direction]
-        total = ops.zeros((), "float32")
-        for entry, live, ref, w in zip(plan, flat_live, flat_ref, weights):
+        for entry, live, ref in zip(plan, flat_live, flat_ref):
             if tuple(live.shape[1:]) != tuple(ref.shape[1:]):
                 raise ValueError(
                     f"The reference's output {entry.name!r} has shape "
                     f"{tuple(ref.shape)} but the model's has shape "
                     f"{tuple(live.shape)}."
                 )
-            if entry.term is None:
-                continue
-            # The reference is constant: no gradient is computed for it.
-            loss = entry.term.pairwise(kind, constant_b=True)
-            total = total + loss(live, ref, sample_weight=position_weights(w, live))
+        return flat_live, flat_ref
+
+    def _weighted_penalty(self, total, batch_size):
+        """`beta * total`; logs `ref_kl` and steps the adaptive `beta`."""
         # `total` is scaled per replica under `tf.distribute`, like the loss.
         kl = unscale_for_distribution(ops.stop_gradient(total))
         self.ref_kl_tracker.update_state(kl, sample_weight=batch_size)
