@@ -274,7 +274,7 @@ def measure(lm, data):
 
 
 def table(rows):
-    from harness import mean_std
+    from harness_reports import mean_std
 
     lines = [
         "| model | alpha | beta | new (SMS) test ppl | old (TREC) test ppl "
