@@ -16,6 +16,8 @@ import keras
 import numpy as np
 import pytest
 
+from tests.testing import import_keras_hub
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 pytest.importorskip("matplotlib")
@@ -286,7 +288,7 @@ CLASSES = {"ABBR": "w0 w1", "DESC": "w2 w3", "HUM": "w4 w5"}
 @pytest.fixture(scope="module")
 def tiny_bert_preset(tmp_path_factory):
     """A tiny BERT (1 layer, hidden 8) with its tokenizer, as a keras-hub preset."""
-    keras_hub = pytest.importorskip("keras_hub")
+    keras_hub = import_keras_hub()
     vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "?", "what", "who"]
     vocabulary += [f"w{i}" for i in range(12)] + ["good", "bad", "film", "day"]
     folder = tmp_path_factory.mktemp("tiny_bert")
@@ -421,7 +423,7 @@ def test_text_forgetting_tiny(examples, tiny_bert_preset, tmp_path):
 
 
 def test_hub_causal_lm_tiny(examples, tmp_path):
-    pytest.importorskip("keras_hub")
+    import_keras_hub()
     pytest.importorskip("tokenizers")
     old = tmp_path / "old.txt"
     new = tmp_path / "new.txt"

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from keras_rdrop import RDropModel, ReferenceKLRegularizer
-from tests.testing import assert_allclose, to_numpy
+from tests.testing import assert_allclose, import_keras_hub, to_numpy
 
-keras_hub = pytest.importorskip("keras_hub")
+keras_hub = import_keras_hub()
 
 BERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + (
     "win a free prize now call to claim cash hello how are you see at lunch "

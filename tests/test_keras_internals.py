@@ -18,6 +18,9 @@ from tests.testing import assert_allclose, to_numpy
 
 
 def test_get_and_set_keras_mask_are_what_keras_losses_read():
+    # The private helpers import on this Keras (not the attribute fallback).
+    assert keras_internals._get_keras_mask is not None, "Keras moved get_keras_mask"
+    assert keras_internals._set_keras_mask is not None, "Keras moved set_keras_mask"
     tokens = np.array([[3, 1, 0, 0]], "int32")
     embedded = keras.layers.Embedding(5, 2, mask_zero=True)(tokens)
     mask = keras_internals.get_keras_mask(embedded)

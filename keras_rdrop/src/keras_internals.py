@@ -5,7 +5,7 @@ below is one small function, and `tests/test_keras_internals.py` checks each
 against the installed Keras, so a Keras release that moves one fails a named
 test instead of silently changing behaviour.
 
-- `get_keras_mask`, `set_keras_mask`: `keras.src.backend`'s mask helpers. The
+- `get_keras_mask`, `set_keras_mask`: `keras.src.backend.common.masking`. The
   concatenated mode splits an output in two and must carry its Keras mask to
   each half; Keras exports no mask getter or setter.
 - `flatten_layers`: `Layer._flatten_layers`. Every layer nested in any model
@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import keras
 
-try:  # Keras >= 3.6
-    from keras.src.backend import get_keras_mask as _get_keras_mask
-    from keras.src.backend import set_keras_mask as _set_keras_mask
+try:  # Keras 3.15 and 3.16 (3.16 no longer re-exports them in `keras.src.backend`)
+    from keras.src.backend.common.masking import get_keras_mask as _get_keras_mask
+    from keras.src.backend.common.masking import set_keras_mask as _set_keras_mask
 except ImportError:  # pragma: no cover - depends on the Keras version
     _get_keras_mask = _set_keras_mask = None
 
