@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from keras_rdrop import RDropModel, ReferenceKLRegularizer
-from keras_rdrop.src import chunked_gradients
+from keras_rdrop.src import chunked_gradients, rdrop_model
 from keras_rdrop.src.fused_cross_entropy import FusedLanguageModelLoss
 from keras_rdrop.src.fused_reference_kl import (
     FusedAnchorLoss,
@@ -48,14 +48,20 @@ def np_fused(live, ref, labels, kind):
 
 @pytest.mark.parametrize("passes", [1, 2], ids=["anchor", "rdrop_anchor"])
 @pytest.mark.parametrize("kind", sorted(KINDS))
-@pytest.mark.parametrize("chunk_elements", [2**21, 6], ids=["whole", "chunked"])
+@pytest.mark.parametrize(
+    "chunk_elements", [2**21, 6, None], ids=["whole", "chunked", "unchunked"]
+)
 def test_values_match_numpy(passes, kind, chunk_elements, monkeypatch):
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements)
+    # `chunk_elements=None`: `chunked=False`, the whole-tensor pass of
+    # TensorFlow + XLA (with one live pass, `whole_reference_kl`'s formula).
+    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements or 2**21)
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((passes + 1, 3, 5, 7)) * 4).astype("float32")
     labels = rng.integers(0, 7, size=(3, 5)).astype("int32")
     live = logits[0] if passes == 1 else (logits[0], logits[1])
-    out = cross_entropy_and_reference_kl(live, logits[-1], labels, kind)
+    out = cross_entropy_and_reference_kl(
+        live, logits[-1], labels, kind, chunked=chunk_elements is not None
+    )
     assert tuple(out.shape) == (2 * passes, 3, 5)
     expected = np_fused(live, logits[-1], labels, kind)
     assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
@@ -63,14 +69,18 @@ def test_values_match_numpy(passes, kind, chunk_elements, monkeypatch):
 
 @pytest.mark.parametrize("passes", [1, 2], ids=["anchor", "rdrop_anchor"])
 @pytest.mark.parametrize("kind", sorted(KINDS))
-@pytest.mark.parametrize("chunk_elements", [2**21, 4], ids=["whole", "chunked"])
+@pytest.mark.parametrize(
+    "chunk_elements",
+    [2**21, 4, None],
+    ids=["whole", "chunked", "unchunked"],
+)
 def test_gradients_match_float64_finite_differences(
     passes, kind, chunk_elements, monkeypatch
 ):
     # The closed-form gradient of each live pass, against central
     # differences of the float64 reference with a different weight on each
     # output at each position.
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements or 2**21)
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(passes + 1, 2, 3, 5)) * 2
     ref = logits[-1]
@@ -89,7 +99,11 @@ def test_gradients_match_float64_finite_differences(
             live[i] = var
             live = live[0] if passes == 1 else tuple(live)
             out = cross_entropy_and_reference_kl(
-                live, ref.astype("float32"), labels, kind
+                live,
+                ref.astype("float32"),
+                labels,
+                kind,
+                chunked=chunk_elements is not None,
             )
             return keras.ops.sum(keras.ops.multiply(w.astype("float32"), out))
 
@@ -102,12 +116,13 @@ def test_gradients_match_float64_finite_differences(
         assert_allclose(_grad(loss, var), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_low_precision_logits_computed_in_float32():
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "unchunked"])
+def test_low_precision_logits_computed_in_float32(chunked):
     rng = np.random.default_rng(2)
     a = keras.ops.cast(rng.standard_normal((4, 6)).astype("float32"), "bfloat16")
     ref = keras.ops.cast(rng.standard_normal((4, 6)).astype("float32"), "bfloat16")
     labels = np.array([0, 5, 2, 3], "int32")
-    out = cross_entropy_and_reference_kl(a, ref, labels)
+    out = cross_entropy_and_reference_kl(a, ref, labels, chunked=chunked)
     assert keras.backend.standardize_dtype(out.dtype) == "float32"
     exact = [to_numpy(keras.ops.cast(t, "float32")) for t in (a, ref)]
     assert_allclose(out, np_fused(exact[0], exact[1], labels, "kl"), rtol=1e-5)
@@ -177,6 +192,10 @@ def train(monkeypatch, alpha, direction, fused, mode="concat"):
         (0.0, "symmetric", 2**21),
         (1.5, "forward", 16),
         (1.5, "symmetric", 2**21),
+        (0.0, "forward", None),
+        (0.0, "reverse", None),
+        (0.0, "symmetric", None),
+        (1.5, "forward", None),
     ],
     ids=[
         "anchor-forward-whole",
@@ -185,6 +204,10 @@ def train(monkeypatch, alpha, direction, fused, mode="concat"):
         "anchor-symmetric-whole",
         "rdrop_anchor-forward-chunked",
         "rdrop_anchor-symmetric-whole",
+        "anchor-forward-unchunked",
+        "anchor-reverse-unchunked",
+        "anchor-symmetric-unchunked",
+        "rdrop_anchor-forward-unchunked",
     ],
 )
 def test_fused_anchor_path_trains_like_the_general_path(
@@ -194,7 +217,11 @@ def test_fused_anchor_path_trains_like_the_general_path(
     # weights, loss_weights and a regularization loss, the fused anchor path
     # gives the losses and weights of Keras' cross-entropy plus the KL to
     # the reference (and, with R-Drop, of the R-Drop path).
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements)
+    # `chunk_elements=None`: the whole-tensor pass that TensorFlow + XLA
+    # takes (`chunked_for`), forced on every backend.
+    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements or 2**21)
+    if chunk_elements is None:
+        monkeypatch.setattr(rdrop_model, "chunked_for", lambda model: False)
     # R-Drop's own fused path stays on for the general anchor path: only the
     # anchor's fusion differs between the runs.
     fused, taken = train(monkeypatch, alpha, direction, fused=True)
