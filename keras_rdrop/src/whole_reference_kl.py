@@ -86,13 +86,13 @@ def cross_entropy_and_reference_kl_whole(live, reference, labels, kind: str = "k
     @ops.custom_gradient
     def op(x_in):
         x = ops.cast(x_in, "float32")
+        lse_r = ops.logsumexp(r, axis=-1, keepdims=True)
         top = ops.max(x, axis=-1, keepdims=True)
         e = ops.exp(x - top)
         sum_e = ops.sum(e, axis=-1, keepdims=True)
         lse = top + ops.log(sum_e)
         # sum(p * d), with p = e / sum(e).
         cross = ops.sum(e * (x - r), axis=-1, keepdims=True) / sum_e
-        lse_r = ops.logsumexp(r, axis=-1, keepdims=True)
         kl = _reference_kl(x, r, lse, cross, lse_r, kind)
         picked = ops.take_along_axis(x, ops.expand_dims(labels, -1), axis=-1)
         value = ops.stack([(lse - picked)[..., 0], kl[..., 0]])
@@ -107,15 +107,18 @@ def cross_entropy_and_reference_kl_whole(live, reference, labels, kind: str = "k
             x = ops.cast(x_in, "float32")
             p = ops.exp(x - lse)
             one_hot = ops.one_hot(labels, num_classes, dtype="float32")
+            # `(x - cross) - r`, not `x - r - cross`: XLA would share `x - r`
+            # with the forward pass and keep it, a logits-sized buffer, for
+            # the backward pass.
             if kind == "kl":
-                total = p * (up_ce + up_kl * (x - r - cross)) - up_ce * one_hot
+                total = p * (up_ce + up_kl * ((x - cross) - r)) - up_ce * one_hot
             else:
                 q = ops.exp(r - lse_r)
                 reverse = p - q
                 if kind == "reverse_kl":
                     kl_grad = reverse
                 else:
-                    kl_grad = 0.5 * (p * (x - r - cross) + reverse)
+                    kl_grad = 0.5 * (p * ((x - cross) - r) + reverse)
                 total = up_ce * (p - one_hot) + up_kl * kl_grad
             return ops.cast(total, x_in.dtype)
 
