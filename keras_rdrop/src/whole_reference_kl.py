@@ -18,12 +18,13 @@ KL(q||p) = c - sum(q * d)                    d/dx = p - q
 (KL(p||q) + KL(q||p)) / 2                    d/dx = the mean of the two
 ```
 
-Why a second formulation: under XLA:CPU every pass over a logits-sized
-tensor costs about as much as its exponentials, and the chunked formula's
-log-softmaxes and kept gradient terms take more of them. On lm50k (2 x 512
-x 50,257 logits, one thread) this formulation's training step cost 1.56x
-plain against 1.85x for the log-softmax one, measured side by side by
-`benchmarks/anchor_floor.py`.
+Why a second formulation: under XLA:CPU every reduction writes its input to
+memory, so each pass over a logits-sized tensor counts, and the log-softmax
+formulation's kept gradient terms take more of them. On lm50k (2 x 512 x
+50,257 logits, `benchmarks/bench.py --model lm50k`, one thread) the anchor's
+training step cost 1.45x plain in CPU time with this formulation against
+1.71x with the log-softmax one, measured side by side
+(`benchmarks/results/lm50k-anchor-tensorflow.md`).
 """
 
 from __future__ import annotations
