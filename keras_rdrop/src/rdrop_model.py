@@ -41,6 +41,9 @@ from keras_rdrop.src.stacked_passes import split_passes, stack_twice
 
 MODES = ("sequential", "concat")
 _OWN_LOG_NAMES = ("kl_loss", "task_loss", "ref_kl")
+# The fused paths hold no state: one instance of each serves every step.
+FUSED_LANGUAGE_MODEL = FusedLanguageModelLoss()
+FUSED_ANCHOR = FusedAnchorLoss()
 
 
 def _validate_alpha(alpha: Any, name: str = "alpha"):
@@ -350,7 +353,7 @@ class RDropModel(TaskPreprocessingModel):
         batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
         consistency = penalty = None
         args = (self.loss, self._loss_weights, y, y_pred_1, y_pred_2, sample_weight)
-        if self._fuses_anchor() and FusedAnchorLoss().applies(plan, *args):
+        if self._fuses_anchor() and FUSED_ANCHOR.applies(plan, *args):
             # The task loss and the reference KL in one chunked pass.
             task = AnchorTask(
                 self.loss,
@@ -424,7 +427,7 @@ class RDropModel(TaskPreprocessingModel):
         (`_current_alphas`); scheduled outputs are weighted by it.
         """
         current_alphas = current_alphas or {}
-        fused = FusedLanguageModelLoss()
+        fused = FUSED_LANGUAGE_MODEL
         args = (self.loss, self._loss_weights)
         if fused.applies(plan, *args, y, y_pred_1, y_pred_2, sample_weight):
             task_loss, consistency = fused.compute(
