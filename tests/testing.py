@@ -4,6 +4,8 @@ import keras
 import numpy as np
 import pytest
 
+from keras_rdrop.src.consistency_terms import pairwise_consistency
+
 # keras-hub 0.32 (the newest release) imports `get_keras_mask` from
 # `keras.src.backend`, which keras-nightly 3.16 no longer exports, so it
 # cannot be imported against the next Keras (the *-nightly tox envs).
@@ -83,3 +85,9 @@ def assert_same_training(actual, expected):
         assert_allclose(history[key], expected_history[key], rtol=1e-5, atol=1e-6)
     for weight, expected_weight in zip(weights, expected_weights):
         assert_allclose(weight, expected_weight, rtol=1e-4, atol=1e-5)
+
+
+def consistency(model, y_pred_1, y_pred_2, sample_weight=None):
+    """The general path's consistency terms of `model` between two passes."""
+    plan = model._plans.get(model, y_pred_1)
+    return pairwise_consistency(plan, y_pred_1, y_pred_2, sample_weight)

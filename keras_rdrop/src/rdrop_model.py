@@ -459,11 +459,6 @@ class RDropModel(TaskPreprocessingModel):
         """The `sample_weight` the consistency terms use."""
         return None if self.consistency_on_all_rows else sample_weight
 
-    def _consistency(self, y_pred_1, y_pred_2, sample_weight):
-        """The general path's consistency terms between two given passes."""
-        plan = self._plans.get(self, y_pred_1)
-        return pairwise_consistency(plan, y_pred_1, y_pred_2, sample_weight)
-
     # --------------------------------------------------------------- metrics
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
