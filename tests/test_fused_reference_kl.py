@@ -150,9 +150,10 @@ def fused_anchor_spy():
     return spy, taken
 
 
-def train(monkeypatch, alpha, direction, fused, mode="concat"):
+def train(monkeypatch, alpha, direction, fused, mode="concat", **options):
     """Two epochs of an anchored `lm` with masks, ignore_class, sample and
-    loss weights and a regularizer; `(history, weights)` and the spy's log."""
+    loss weights and a regularizer; `(history, weights)` and the spy's log.
+    `options` go to `RDropModel`."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 11, size=(16, 6)).astype("int32")
     targets = rng.integers(0, 11, size=(16, 6)).astype("int32")
@@ -161,7 +162,7 @@ def train(monkeypatch, alpha, direction, fused, mode="concat"):
     monkeypatch.setattr(
         FusedAnchorLoss, "applies", spy if fused else (lambda self, *args: False)
     )
-    model = RDropModel(lm(), alpha=alpha, mode=mode)
+    model = RDropModel(lm(), alpha=alpha, mode=mode, **options)
     model.compile(
         optimizer=keras.optimizers.SGD(0.5),
         loss=keras.losses.SparseCategoricalCrossentropy(
@@ -228,6 +229,36 @@ def test_fused_anchor_path_trains_like_the_general_path(
     general, _ = train(monkeypatch, alpha, direction, fused=False)
     assert taken and all(taken), "the fused anchor path was not taken"
     # The reference pulls: the KL is not small after the first epoch.
+    assert fused[0]["ref_kl"][-1] > 1e-3
+    assert_same_training(fused, general)
+
+
+@pytest.mark.parametrize(
+    "alpha, options",
+    [
+        ("schedule", {}),
+        (0.0, {"consistency_on_all_rows": True}),
+        (1.5, {"consistency_on_all_rows": True}),
+        ("schedule", {"consistency_on_all_rows": True}),
+    ],
+    ids=[
+        "rdrop_anchor-scheduled_alpha",
+        "anchor-all_rows",
+        "rdrop_anchor-all_rows",
+        "rdrop_anchor-scheduled_alpha-all_rows",
+    ],
+)
+def test_fused_anchor_path_takes_schedules_and_all_rows(alpha, options, monkeypatch):
+    # A scheduled alpha weighs R-Drop's KL by the schedule's value at each
+    # step, and `consistency_on_all_rows=True` gives every position weight 1
+    # in both KLs (sample_weight=0 included), on the fused anchor path as on
+    # the general one.
+    if alpha == "schedule":
+        # 0 for the first two steps, then 2.0: the steps differ.
+        alpha = keras.optimizers.schedules.PiecewiseConstantDecay([1], [0.0, 2.0])
+    fused, taken = train(monkeypatch, alpha, "forward", fused=True, **options)
+    general, _ = train(monkeypatch, alpha, "forward", fused=False, **options)
+    assert taken and all(taken), "the fused anchor path was not taken"
     assert fused[0]["ref_kl"][-1] > 1e-3
     assert_same_training(fused, general)
 

@@ -315,6 +315,10 @@ class FusedLanguageModelLoss:
         )
 
 
+# It holds no state: one instance serves every step.
+FUSED_LANGUAGE_MODEL = FusedLanguageModelLoss()
+
+
 def reduce_two_passes(alpha, task, values, y_pred_1, y_pred_2, weight_consistency=True):
     """R-Drop's `(task_loss, consistency)` from fused per-position values.
 

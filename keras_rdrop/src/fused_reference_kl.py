@@ -251,6 +251,10 @@ class AnchorTask:
         y_pred_2: R-Drop's second pass, or `None` (`alpha=0`).
         chunked: Whether the fused pass runs by chunks (see
             `chunked_for`).
+        weight_consistency: Whether R-Drop's KL and the KL to the
+            reference are weighted by `sample_weight` like the task loss
+            (`False`, with `consistency_on_all_rows=True`: every position
+            weighs 1).
     """
 
     loss: keras.losses.Loss
@@ -259,6 +263,7 @@ class AnchorTask:
     y: object
     y_pred_2: object = None
     chunked: bool = True
+    weight_consistency: bool = True
 
 
 def chunked_for(model: keras.Model) -> bool:
@@ -322,7 +327,8 @@ class FusedAnchorLoss:
         values = cross_entropy_and_reference_kl(
             live, reference, labels, kind, chunked=task.chunked
         )
-        kl = reduced_consistency(kind, values[-1], y_pred, reference, sample_weight)
+        kl_weight = sample_weight if task.weight_consistency else None
+        kl = reduced_consistency(kind, values[-1], y_pred, reference, kl_weight)
         if task.y_pred_2 is None:
             task_loss = reduced_cross_entropy(
                 task.loss,
@@ -341,5 +347,10 @@ class FusedAnchorLoss:
             values,
             y_pred,
             task.y_pred_2,
+            task.weight_consistency,
         )
         return task_loss, consistency, kl
+
+
+# It holds no state: one instance serves every step.
+FUSED_ANCHOR = FusedAnchorLoss()

@@ -25,12 +25,8 @@ from keras_rdrop.src.consistency_terms import (
     pairwise_consistency,
     unscale_for_distribution,
 )
-from keras_rdrop.src.fused_cross_entropy import FusedLanguageModelLoss
-from keras_rdrop.src.fused_reference_kl import (
-    AnchorTask,
-    FusedAnchorLoss,
-    chunked_for,
-)
+from keras_rdrop.src.fused_cross_entropy import FUSED_LANGUAGE_MODEL
+from keras_rdrop.src.fused_reference_kl import FUSED_ANCHOR, AnchorTask, chunked_for
 from keras_rdrop.src.keras_hub_pipeline import TaskPreprocessingModel
 from keras_rdrop.src.label_checks import LabelCheck
 from keras_rdrop.src.model_checks import has_stochastic_layer, validate_bool
@@ -41,9 +37,6 @@ from keras_rdrop.src.stacked_passes import split_passes, stack_twice
 
 MODES = ("sequential", "concat")
 _OWN_LOG_NAMES = ("kl_loss", "task_loss", "ref_kl")
-# The fused paths hold no state: one instance of each serves every step.
-FUSED_LANGUAGE_MODEL = FusedLanguageModelLoss()
-FUSED_ANCHOR = FusedAnchorLoss()
 
 
 def _validate_alpha(alpha: Any, name: str = "alpha"):
@@ -353,7 +346,7 @@ class RDropModel(TaskPreprocessingModel):
         batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
         consistency = penalty = None
         args = (self.loss, self._loss_weights, y, y_pred_1, y_pred_2, sample_weight)
-        if self._fuses_anchor() and FUSED_ANCHOR.applies(plan, *args):
+        if self.reference.active and FUSED_ANCHOR.applies(plan, *args):
             # The task loss and the reference KL in one chunked pass.
             task = AnchorTask(
                 self.loss,
@@ -362,10 +355,15 @@ class RDropModel(TaskPreprocessingModel):
                 y,
                 y_pred_2,
                 chunked_for(self),
+                weight_consistency=not self.consistency_on_all_rows,
             )
             penalty, (task_loss, consistency) = self.reference.penalty(
                 plan, self.model, x, y_pred_1, sample_weight, batch_size, task
             )
+            if consistency is not None:
+                consistency = scale_by_schedule(
+                    consistency, plan, self.alpha, self._current_alphas()
+                )
         elif y_pred_2 is None:
             task_loss = self._task_loss(x, y, y_pred_1, sample_weight)
         else:
@@ -396,18 +394,6 @@ class RDropModel(TaskPreprocessingModel):
         if penalty is not None:
             total = total + penalty
         return total
-
-    def _fuses_anchor(self) -> bool:
-        """Whether the anchor may take the fused path (`FusedAnchorLoss`).
-
-        Not with a scheduled alpha or `consistency_on_all_rows`, which only
-        the other paths apply.
-        """
-        return (
-            self.reference.active
-            and not self.consistency_on_all_rows
-            and not is_scheduled(self.alpha)
-        )
 
     def _task_loss(self, x, y, y_pred, sample_weight):
         """Keras' own loss of one pass (compiled loss plus `model.losses`)."""

@@ -21,7 +21,7 @@ from keras_rdrop.src.consistency_terms import (
     position_weights,
     unscale_for_distribution,
 )
-from keras_rdrop.src.fused_reference_kl import FusedAnchorLoss
+from keras_rdrop.src.fused_reference_kl import FUSED_ANCHOR
 from keras_rdrop.src.keras_internals import set_variable_layout, variable_layout
 
 DIRECTIONS = ("forward", "reverse", "symmetric")
@@ -412,7 +412,7 @@ class ReferenceSnapshot(keras.layers.Layer):
         kind = _KIND[self.settings.direction]
         fused = None
         if task is not None:
-            task_loss, consistency, total = FusedAnchorLoss().compute(
+            task_loss, consistency, total = FUSED_ANCHOR.compute(
                 plan, task, flat_live[0], flat_ref[0], sample_weight, kind
             )
             fused = (task_loss, consistency)
