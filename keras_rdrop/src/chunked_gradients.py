@@ -48,6 +48,17 @@ def chunks(shape, axis: int):
     ]
 
 
+def upstream_of(args, upstream):
+    """The upstream gradient a `keras.ops.custom_gradient` backward got.
+
+    JAX and TensorFlow call `grad(upstream)`; torch calls
+    `grad(*inputs, upstream=upstream)` (see `keras.ops.custom_gradient`).
+    """
+    if upstream is None:
+        (upstream,) = args
+    return upstream
+
+
 def _slices(x, axis: int, bounds):
     """The pieces of `x` along `axis`, one per `(start, stop)` of `bounds`."""
     # Basic slicing, which every backend's native tensor supports.
@@ -190,11 +201,7 @@ def chunked_pair_op(a, b, axis: int, value_chunk, grads_chunk, out_axis, extra=N
     @ops.custom_gradient
     def op(a, b):
         def grad(*args, upstream=None):
-            # JAX and TensorFlow call `grad(upstream)`; torch calls
-            # `grad(a, b, upstream=upstream)` (see `keras.ops.custom_gradient`).
-            if upstream is None:
-                (upstream,) = args
-            return grads_of(a, b, upstream)
+            return grads_of(a, b, upstream_of(args, upstream))
 
         return value_of(a, b), grad
 

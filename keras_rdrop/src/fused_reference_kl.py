@@ -28,6 +28,7 @@ from keras_rdrop.src.chunked_gradients import (
     chunks,
     kl_of_log_probs,
     kl_of_logits_grad_terms,
+    upstream_of,
 )
 from keras_rdrop.src.divergences import as_float
 from keras_rdrop.src.fused_cross_entropy import (
@@ -39,9 +40,10 @@ from keras_rdrop.src.fused_cross_entropy import (
     with_additional_losses,
 )
 from keras_rdrop.src.prediction_checks import check_values
-from keras_rdrop.src.whole_reference_kl import cross_entropy_and_reference_kl_whole
-
-KINDS = ("kl", "reverse_kl", "symmetric_kl")
+from keras_rdrop.src.whole_reference_kl import (
+    KINDS,
+    cross_entropy_and_reference_kl_whole,
+)
 
 
 def _reference_kl(log_p, log_r, kind: str):
@@ -204,10 +206,7 @@ def cross_entropy_and_reference_kl(
         )
 
         def grad(*args, upstream=None):
-            # JAX and TensorFlow call `grad(upstream)`; torch calls
-            # `grad(*xs, upstream=upstream)` (see `keras.ops.custom_gradient`).
-            if upstream is None:
-                (upstream,) = args
+            upstream = upstream_of(args, upstream)
             up_chunks = _pieces(upstream, 1 + chunk_axis, split)
             recomputed = live_chunks(xs) if len(xs) == 2 else [None] * len(kept)
             per_chunk = []

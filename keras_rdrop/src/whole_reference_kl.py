@@ -31,6 +31,9 @@ from __future__ import annotations
 
 from keras import ops
 
+from keras_rdrop.src.chunked_gradients import upstream_of
+
+# The KLs to the reference; `fused_reference_kl` takes them from here.
 KINDS = ("kl", "reverse_kl", "symmetric_kl")
 
 
@@ -99,10 +102,7 @@ def cross_entropy_and_reference_kl_whole(live, reference, labels, kind: str = "k
         value = ops.stack([(lse - picked)[..., 0], kl[..., 0]])
 
         def grad(*args, upstream=None):
-            # JAX and TensorFlow call `grad(upstream)`; torch calls
-            # `grad(x_in, upstream=upstream)` (see `keras.ops.custom_gradient`).
-            if upstream is None:
-                (upstream,) = args
+            upstream = upstream_of(args, upstream)
             up_ce = ops.expand_dims(upstream[0], -1)
             up_kl = ops.expand_dims(upstream[1], -1)
             x = ops.cast(x_in, "float32")
