@@ -224,6 +224,8 @@ def test_constant_input_gets_zero_gradient_and_the_other_is_unchanged(
 
             grads[flag, wrt] = _grad(loss, var)
     live = "b" if constant == "a" else "a"
+    # Bitwise: the gradient of a declared constant is not computed; zeros
+    # are returned for it.
     np.testing.assert_array_equal(grads[constant, constant], 0.0)
     assert np.abs(grads[None, constant]).max() > 1e-3  # not zero without the flag
     assert_allclose(grads[constant, live], grads[None, live], rtol=1e-6, atol=1e-7)

@@ -4,6 +4,11 @@ Keras saves weights and optimizer state but not the `SeedGenerator` states
 that dropout draws its masks from; RDropModel saves them with its own state
 (`keras_rdrop/src/seed_state.py`), so a run interrupted mid-epoch and resumed
 by `BackupAndRestore` ends with bitwise the weights of an uninterrupted run.
+
+The exact comparisons here are sound on any CPU: both runs execute the same
+ops, on the same shapes, in the same order, in one process (a resumed step is
+the step the uninterrupted run takes), and saved and loaded values are copies.
+Seed states are integers.
 """
 
 import keras

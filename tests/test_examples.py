@@ -82,7 +82,7 @@ def test_load_digits_from_user_files(examples, tmp_path):
         x, y = utils.load_digits(tmp_path / name)
         assert x.shape == (160, 144) and x.dtype == np.float32
         assert 0.0 <= x.min() and x.max() <= 1.0
-        np.testing.assert_array_equal(y, plain[:, -1])
+        np.testing.assert_array_equal(y, plain[:, -1])  # integer labels
         np.testing.assert_allclose(x * 255, plain[:, :-1], atol=1e-3)
     (tmp_path / "bad.csv").write_text("1,2,3,0\n4,5,6,1\n")
     with pytest.raises(ValueError, match="square image"):
@@ -117,7 +117,7 @@ def test_split_rotation_and_batch_order(examples):
     x = np.arange(30, dtype="float32")[:, None]
     first = utils.ShuffledBatches(x, np.arange(30), 8, seed=1)
     second = utils.ShuffledBatches(x, np.arange(30), 8, seed=1)
-    for _ in range(2):  # two epochs: the same order in both runs
+    for _ in range(2):  # two epochs: the same order in both runs (integers)
         a = np.concatenate([first[i][1] for i in range(len(first))])
         b = np.concatenate([second[i][1] for i in range(len(second))])
         np.testing.assert_array_equal(a, b)
@@ -131,6 +131,7 @@ def test_same_seed_same_initial_weights(examples):
     a = build(20, 3, hidden=(8,), seed=5).get_weights()
     b = build(20, 3, hidden=(8,), seed=5).get_weights()
     c = build(20, 3, hidden=(8,), seed=6).get_weights()
+    # Bitwise: one seed, one initializer, the same draws in one process.
     for wa, wb in zip(a, b):
         np.testing.assert_array_equal(wa, wb)
     assert not np.array_equal(a[0], c[0])

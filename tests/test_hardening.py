@@ -57,6 +57,8 @@ def test_same_seed_gives_identical_history():
         h = model.fit(x, y, batch_size=16, epochs=2, verbose=0)
         histories.append((h.history, [to_numpy(w) for w in model.weights]))
     (h1, w1), (h2, w2) = histories
+    # Bitwise: the same seed, ops, shapes and thread settings in one process
+    # run the same arithmetic in the same order.
     assert h1 == h2
     for a, b in zip(w1, w2):
         np.testing.assert_array_equal(a, b)

@@ -25,7 +25,7 @@ def test_get_and_set_keras_mask_are_what_keras_losses_read():
     embedded = keras.layers.Embedding(5, 2, mask_zero=True)(tokens)
     mask = keras_internals.get_keras_mask(embedded)
     assert mask is not None, "Keras no longer attaches the mask via get_keras_mask"
-    np.testing.assert_array_equal(to_numpy(mask), [[True, True, False, False]])
+    np.testing.assert_array_equal(to_numpy(mask), [[True, True, False, False]])  # bools
     # A mask set with `set_keras_mask` is the one Keras' losses honour.
     logits = keras.ops.convert_to_tensor(np.zeros((1, 4, 3), "float32"))
     logits = logits + keras.ops.convert_to_tensor(np.array([0.0, 0.0, 5.0], "float32"))

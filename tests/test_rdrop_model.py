@@ -53,11 +53,21 @@ def test_kl_positive_with_dropout_and_logs(mode):
 
 
 @pytest.mark.parametrize("mode", ["sequential", "concat"])
-def test_kl_exactly_zero_without_dropout(mode):
+def test_kl_zero_without_dropout(mode):
     x, y = classification_data()
     model = compiled(no_dropout_rdrop(mode=mode))
     history = model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    assert history.history["kl_loss"][0] == 0.0
+    kl = history.history["kl_loss"][0]
+    if mode == "sequential":
+        # Bitwise: the two passes are the same ops on the same input in one
+        # process, so their logits are identical and every KL term is 0.
+        assert kl == 0.0
+    else:
+        # The two halves of `[x; x]` go through one matmul, whose kernels
+        # may round the rows of each half differently (seen: 4e-16 on an AMD
+        # EPYC). Logits equal to float32 rounding (relative 1e-7) give a KL of
+        # its square; dropout at 0.3 gives about 1e-2.
+        assert 0.0 <= kl < 1e-10
 
 
 @pytest.mark.parametrize("mode", ["sequential", "concat"])
@@ -365,7 +375,12 @@ def test_compile_without_loss_is_an_error():
 
 # ------------------------------------------------------- nothing of Keras lost
 
-JIT_MODES = [False, True, "auto"]
+# On torch, `jit_compile=True` is torch.compile (marker `compile`).
+JIT_MODES = [
+    False,
+    pytest.param(True, marks=[pytest.mark.compile] if BACKEND == "torch" else []),
+    "auto",
+]
 
 
 @pytest.mark.parametrize("jit_compile", JIT_MODES)
@@ -431,6 +446,8 @@ def test_zero_sample_weights_zero_the_loss():
     logs = model.train_on_batch(
         x, y, sample_weight=np.zeros(16, "float32"), return_dict=True
     )
+    # Bitwise: every term is multiplied by a weight of exactly 0, and Keras'
+    # weighted mean of all-zero weights is defined as 0 (divide-no-nan).
     assert logs["loss"] == 0.0 and logs["kl_loss"] == 0.0
 
 

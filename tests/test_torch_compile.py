@@ -15,6 +15,7 @@ from keras_rdrop.src.reference_snapshot import ReferenceSettings
 
 pytestmark = [
     pytest.mark.torch,
+    pytest.mark.compile,
     # Dynamo warns from inside torch while it traces Keras' step (torch 2.13:
     # inductor imports its deprecated `torch.jit.script_method`, it
     # instantiates Keras' `ops.custom_gradient` autograd Function, and reads
@@ -65,7 +66,8 @@ def _ours(frames):
 @pytest.mark.parametrize(
     "case, mode",
     [
-        ("classifier", "concat"),
+        # The smoke test that also runs on Keras 3.15 (`-m keras_version`).
+        pytest.param("classifier", "concat", marks=pytest.mark.keras_version),
         ("language_model", "sequential"),
         ("anchor", "concat"),
     ],

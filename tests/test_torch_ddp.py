@@ -25,6 +25,7 @@ KERAS_VERSION = tuple(int(v) for v in keras.__version__.split(".")[:2])
 
 pytestmark = [
     pytest.mark.torch,
+    pytest.mark.multiprocess,
     pytest.mark.skipif(
         KERAS_VERSION < (3, 16),
         reason=(
@@ -84,6 +85,8 @@ def test_two_processes_match_one_on_the_global_batch(mode, distribution, tmp_pat
             )
         for got, expected in zip(result["weights"], single["weights"]):
             np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+        # Bitwise: the snapshot is a copy of θ0, which both runs build from
+        # the same seed with the same initializer ops.
         for got, expected in zip(result["snapshot"], single["snapshot"]):
             np.testing.assert_array_equal(got, expected)
 
@@ -94,7 +97,8 @@ def test_with_dropout_ranks_stay_equal(mode, tmp_path):
     assert rank0["ddp"] and rank1["ddp"]
     # Different shards and masks, one model: DDP keeps the weights equal,
     # the second pass (sequential mode) included, which calls the inner
-    # model and not the DDP wrapper.
+    # model and not the DDP wrapper. Bitwise: every rank applies the same
+    # all-reduced gradient (one buffer, broadcast) with the same optimizer ops.
     for a, b in zip(rank0["weights"], rank1["weights"]):
         np.testing.assert_array_equal(a, b)
     moved = max(
@@ -102,7 +106,8 @@ def test_with_dropout_ranks_stay_equal(mode, tmp_path):
         for a, t in zip(rank0["weights"], rank0["theta0"])
     )
     assert moved > 1e-3
-    # The snapshot is the same on every rank: θ0, which was equal on both.
+    # The snapshot is the same on every rank: θ0, which was equal on both
+    # (bitwise: a copy, no arithmetic).
     for a, b, theta0 in zip(rank0["snapshot"], rank1["snapshot"], rank0["theta0"]):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(a, theta0)
