@@ -12,24 +12,79 @@ import pytest
 
 BACKENDS = ("tensorflow", "torch", "jax")
 
-# Files whose every test depends on the Keras version, and why. They run on
-# both Keras versions of the tox matrix (`pytest -m keras_version` on 3.15);
-# every other test runs on the newest Keras only. A test of these files
-# marked `compile` (torch.compile) is left out: on 3.15 one smoke test runs,
-# marked `keras_version` itself.
+# The tests whose outcome depends on the Keras version, by file (`None`: the
+# whole file), and why. They run on both Keras versions of the tox matrix
+# (`pytest -m keras_version` on 3.15); every other test runs on the newest
+# Keras only. torch.compile's smoke test is marked in its file.
 KERAS_VERSION_DEPENDENT = {
-    "test_keras_internals.py": "each private Keras access",
-    "test_keras_hub.py": "the keras-hub release that imports on this Keras",
-    "test_rdrop_model.py": "the training step inside Keras' trainer",
-    "test_losses.py": "the Keras `Loss` base class: reductions, configs",
-    "test_fused_cross_entropy.py": "recognising Keras' loss and its settings",
-    "test_fused_reference_kl.py": "recognising Keras' loss and its settings",
-    "test_reference_kl_regularizer.py": "the callback's hooks into `fit`",
-    "test_partial_snapshot.py": "Keras' saving format, old files loading",
-    "test_exact_resume.py": "Keras' checkpoints and seed generators",
-    "test_distribution.py": "keras.distribution and tf.distribute",
-    "test_torch_ddp.py": "Keras' torch DDP integration (from 3.16)",
+    # Each private Keras access.
+    "test_keras_internals.py": None,
+    # The keras-hub release that imports on this Keras.
+    "test_keras_hub.py": None,
+    # Keras' torch DDP integration (from 3.16; skipped with the reason before).
+    "test_torch_ddp.py": None,
+    # keras.distribution and tf.distribute.
+    "test_distribution.py": None,
+    # The training step inside Keras' trainer: the compute_loss and
+    # compute_metrics seam, logs, masks, jit, mixed precision, gradient
+    # accumulation, callbacks, saving.
+    "test_rdrop_model.py": {
+        "test_kl_positive_with_dropout_and_logs",
+        "test_one_step_loss_matches_hand_computation",
+        "test_evaluate_and_predict_equal_inner_model",
+        "test_validation_logs_have_no_kl",
+        "test_from_logits_read_from_string_loss_means_probabilities",
+        "test_sequence_outputs_with_mask_and_padding_weight",
+        "test_jit_compile_modes",
+        "test_mixed_precision",
+        "test_gradient_accumulation_and_steps_per_execution",
+        "test_callbacks",
+        "test_save_and_load_keras_file",
+        "test_get_config_round_trip",
+    },
+    # Keras' `Loss` base class: reductions, masks, configs, saving.
+    "test_losses.py": {
+        "test_each_reduction",
+        "test_keras_mask_averages_over_valid_positions",
+        "test_serialization_round_trip",
+        "test_saved_inside_a_model",
+    },
+    # The fused paths' recognition of Keras' loss and its settings.
+    "test_fused_cross_entropy.py": {
+        "test_which_losses_are_fused",
+        "test_other_losses_take_the_general_path",
+        "test_fused_path_trains_like_the_general_path",
+    },
+    "test_fused_reference_kl.py": {
+        "test_other_losses_take_the_general_anchor_path",
+        "test_rdrop_fused_path_is_not_run_twice",
+    },
+    # The anchor callback's hooks into `fit`, and its saving.
+    "test_reference_kl_regularizer.py": {
+        "test_snapshot_is_theta0_and_unchanged_by_training",
+        "test_resume_keeps_the_original_snapshot",
+        "test_saved_model_keeps_its_snapshot",
+        "test_refresh_every_epoch",
+    },
+    # Keras' saving format (old files load), BackupAndRestore, Keras' LoRA.
+    "test_partial_snapshot.py": {
+        "test_full_snapshot_file_from_751f1f1_loads_as_a_full_snapshot",
+        "test_backup_and_restore_resumes_a_partial_snapshot",
+        "test_keras_lora_leaves_the_frozen_base_kernels_out",
+    },
+    # Keras' checkpoints and seed generators.
+    "test_exact_resume.py": {
+        "test_resumed_run_is_bitwise_the_uninterrupted_one",
+        "test_checkpoints_hold_the_seed_states",
+    },
 }
+
+
+def depends_on_the_keras_version(item) -> bool:
+    names = KERAS_VERSION_DEPENDENT.get(item.path.name, ())
+    if "compile" in item.keywords:
+        return False  # torch.compile: one smoke test, marked in its file
+    return names is None or item.originalname in names
 
 
 def pytest_addoption(parser):
@@ -41,7 +96,7 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     backend = keras.backend.backend()
     for item in items:
-        if item.path.name in KERAS_VERSION_DEPENDENT and "compile" not in item.keywords:
+        if depends_on_the_keras_version(item):
             item.add_marker(pytest.mark.keras_version)
         marked = [b for b in BACKENDS if b in item.keywords]
         if marked and backend not in marked:

@@ -1,19 +1,20 @@
 """Every ```python block of README.md runs as written on the current backend.
 
-Each block runs in its own Python process, in a temporary directory (so the
-files it saves do not litter the tree), with this checkout's `keras_rdrop`
-first on the path, `KERAS_BACKEND` inherited from the test run and the
-warning filters of `pyproject.toml` (warnings are errors). A `print(...)` line
-followed by a comment `# -> text` (on the same line or the next) must print
-exactly `text`; a block that prints anything else, or raises, fails.
+Each block runs as `__main__` in this pytest process (a fresh process per
+block would spend most of its time importing the framework), in a temporary
+directory (so the files it saves do not litter the tree), with this
+checkout's `keras_rdrop` and the warning filters of `pyproject.toml`
+(warnings are errors). Keras' global state is reset before each block
+(`clear_session`, the seed, the dtype policy), as a fresh process would have
+it. A `print(...)` line followed by a comment `# -> text` (on the same line
+or the next) must print exactly `text`; a block that prints anything else,
+or raises, fails.
 """
 
 import ast
-import os
 import pathlib
 import re
-import subprocess
-import sys
+import runpy
 
 import keras
 import pytest
@@ -22,20 +23,6 @@ from tests.testing import import_keras_hub
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-
-# Applies pyproject's `filterwarnings` (pytest's "action:message:category:module"
-# form) in the child process, then runs the block as `__main__`.
-RUNNER = """
-import builtins, runpy, sys, tomllib, warnings
-with open(sys.argv[1], "rb") as f:
-    config = tomllib.load(f)
-for spec in config["tool"]["pytest"]["ini_options"]["filterwarnings"]:
-    action, *rest = spec.split(":")
-    message, category, module = (rest + ["", "", ""])[:3]
-    category = getattr(builtins, category) if category else Warning
-    warnings.filterwarnings(action, message, category, module)
-runpy.run_path(sys.argv[2], run_name="__main__")
-"""
 
 
 def python_blocks(text):
@@ -86,29 +73,26 @@ def test_expected_output_parser():
 @pytest.mark.parametrize(
     "line, code", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS]
 )
-def test_readme_block_runs(line, code, tmp_path):
+def test_readme_block_runs(line, code, tmp_path, monkeypatch, capsys):
     if "keras_hub" in code:
         import_keras_hub()
     script = tmp_path / f"readme_line_{line}.py"
     script.write_text(code, encoding="utf-8")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(ROOT), *filter(None, [env.get("PYTHONPATH")])]
-    )
-    env["KERAS_BACKEND"] = keras.backend.backend()
-    result = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(ROOT / "pyproject.toml"), str(script)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, (
-        f"README.md block at line {line} failed on {keras.backend.backend()}:\n"
-        f"{result.stderr[-4000:]}"
-    )
-    printed = [printed_line.rstrip() for printed_line in result.stdout.splitlines()]
+    monkeypatch.chdir(tmp_path)
+    keras.backend.clear_session()
+    keras.config.set_dtype_policy("float32")
+    capsys.readouterr()
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except (Exception, SystemExit) as error:
+        raise AssertionError(
+            f"README.md block at line {line} failed on {keras.backend.backend()}: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    finally:
+        keras.config.set_dtype_policy("float32")
+    out = capsys.readouterr().out
+    printed = [printed_line.rstrip() for printed_line in out.splitlines()]
     assert printed == expected_output(code), (
         f"README.md block at line {line} printed {printed}, "
         f"its `# ->` comments say {expected_output(code)}"

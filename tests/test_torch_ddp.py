@@ -42,7 +42,19 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run(case, mode, out_dir, processes, distribution="ddp"):
+# Every run the tests below compare, started once: one process on the global
+# batch, and one `torchrun` launch of two ranks (see the script's docstring).
+SINGLE_RUNS = ["fixed:sequential", "fixed:concat"]
+DDP_RUNS = [
+    "fixed:sequential:ddp",
+    "fixed:concat:ddp",
+    "dropout:sequential:ddp",
+    "dropout:concat:ddp",
+    "fixed:concat:data_parallel",  # last: it sets a global distribution
+]
+
+
+def _launch(runs, out_dir, processes):
     env = dict(os.environ)
     root = str(Path(keras_rdrop.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -57,13 +69,28 @@ def _run(case, mode, out_dir, processes, distribution="ddp"):
             "--master_addr=127.0.0.1",
             f"--master_port={_free_port()}",
         ]
-    command += [str(SCRIPT), case, mode, str(out_dir), distribution]
+    command += [str(SCRIPT), str(out_dir), *runs]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, (
         f"{' '.join(command)} failed ({proc.returncode}):\n"
         f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     )
-    names = ["single.json"] if processes == 1 else ["rank0.json", "rank1.json"]
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("ddp")
+    _launch(SINGLE_RUNS, out_dir, 1)
+    _launch(DDP_RUNS, out_dir, 2)
+    return out_dir
+
+
+def _run(out_dir, case, mode, processes, distribution="ddp"):
+    """The results of one run: `[single]`, or `[rank 0, rank 1]`."""
+    if processes == 1:
+        names = [f"{case}-{mode}-single.json"]
+    else:
+        names = [f"{case}-{mode}-{distribution}-rank{r}.json" for r in range(2)]
     return [json.loads((Path(out_dir) / name).read_text()) for name in names]
 
 
@@ -71,9 +98,9 @@ def _run(case, mode, out_dir, processes, distribution="ddp"):
     "mode, distribution",
     [("sequential", "ddp"), ("concat", "ddp"), ("concat", "data_parallel")],
 )
-def test_two_processes_match_one_on_the_global_batch(mode, distribution, tmp_path):
-    (single,) = _run("fixed", mode, tmp_path, 1)
-    ranks = _run("fixed", mode, tmp_path, 2, distribution)
+def test_two_processes_match_one_on_the_global_batch(mode, distribution, ddp_results):
+    (single,) = _run(ddp_results, "fixed", mode, 1)
+    ranks = _run(ddp_results, "fixed", mode, 2, distribution)
     assert all(r["ddp"] for r in ranks), "Keras did not wrap the model in DDP"
     assert single["history"]["ref_kl"][-1] > 1e-4  # the anchor is at work
     for result in ranks:
@@ -92,8 +119,8 @@ def test_two_processes_match_one_on_the_global_batch(mode, distribution, tmp_pat
 
 
 @pytest.mark.parametrize("mode", ["sequential", "concat"])
-def test_with_dropout_ranks_stay_equal(mode, tmp_path):
-    rank0, rank1 = _run("dropout", mode, tmp_path, 2)
+def test_with_dropout_ranks_stay_equal(mode, ddp_results):
+    rank0, rank1 = _run(ddp_results, "dropout", mode, 2)
     assert rank0["ddp"] and rank1["ddp"]
     # Different shards and masks, one model: DDP keeps the weights equal,
     # the second pass (sequential mode) included, which calls the inner

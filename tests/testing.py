@@ -7,12 +7,12 @@ import pytest
 from keras_rdrop.src.consistency_terms import pairwise_consistency
 
 # keras-hub 0.32 (the newest release) imports `get_keras_mask` from
-# `keras.src.backend`, which keras-nightly 3.16 no longer exports, so it
-# cannot be imported against the next Keras (the *-nightly tox envs).
+# `keras.src.backend`, which Keras 3.16 no longer exports; the tox envs on
+# 3.16 install keras-hub-nightly, which imports there.
 KERAS_HUB_SKIP = (
     "keras-hub is not importable here: not installed, or keras-hub 0.32 "
-    "imports `get_keras_mask` from `keras.src.backend`, which Keras 3.16 "
-    "(keras-nightly) no longer exports"
+    "on Keras 3.16, which no longer exports `keras.src.backend.get_keras_mask` "
+    "(install keras-hub-nightly there)"
 )
 
 

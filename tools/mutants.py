@@ -43,7 +43,7 @@ class Mutant:
     old: str
     new: str
     tests: tuple[str, ...]
-    backend: str = "jax"
+    backend: str = "torch"
 
 
 S = "keras_rdrop/src/"

@@ -2,16 +2,19 @@
 
 Run by tests/test_torch_ddp.py, either as one process on the global batch:
 
-    python torch_ddp.py CASE MODE OUT_DIR
+    python torch_ddp.py OUT_DIR CASE:MODE[:DIST] ...
 
 or as two gloo processes on CPU, each on its own shard of every batch:
 
     python -m torch.distributed.run --nproc_per_node=2 \
-        torch_ddp.py CASE MODE OUT_DIR [DIST]
+        torch_ddp.py OUT_DIR CASE:MODE[:DIST] ...
 
-DIST is `ddp` (the default: only `torch.distributed` initialized) or
-`data_parallel` (`keras.distribution.DataParallel(auto_shard_dataset=False)`
-set as well).
+Each `CASE:MODE[:DIST]` is one training run, in the order given, in the same
+processes (one launch: starting torch and the process group is most of the
+cost of a run). DIST is `ddp` (the default: only `torch.distributed`
+initialized) or `data_parallel`
+(`keras.distribution.DataParallel(auto_shard_dataset=False)` set as well, and
+unset after the run).
 
 Keras' torch trainer wraps the model in `DistributedDataParallel` when
 `torch.distributed` is initialized and all-reduces the metric variables, so
@@ -19,8 +22,8 @@ nothing here is ours but the sharding of the NumPy inputs (Keras does not
 shard them for DDP). CASE is `fixed` (no stochastic layer: every pass is the
 same, so two processes must match one process on the global batch) or
 `dropout` (each rank draws its own masks). Each process writes
-OUT_DIR/rank{rank}.json (or single.json) with its history, weights and
-snapshot.
+OUT_DIR/CASE-MODE-DIST-rank{rank}.json (or CASE-MODE-single.json) with its
+history, weights and snapshot.
 """
 
 import json
@@ -79,14 +82,9 @@ def build(case):
     return keras.Sequential(layers)
 
 
-def main():
-    case, mode, out_dir = sys.argv[1:4]
-    distribution = sys.argv[4] if len(sys.argv) > 4 else "ddp"
-    distributed = "RANK" in os.environ
-    rank, world = 0, 1
+def train(case, mode, distribution, out_dir, rank, world):
+    distributed = world > 1
     if distributed:
-        dist.init_process_group("gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
         if distribution == "data_parallel":
             # Keras' torch `keras.distribution` (3.16): the same DDP step,
             # with each rank passing its own shard.
@@ -125,11 +123,26 @@ def main():
             np.asarray(v.numpy()).tolist() for v in model.reference.ref_weights
         ],
     }
-    name = f"rank{rank}.json" if distributed else "single.json"
-    with open(os.path.join(out_dir, name), "w") as f:
+    suffix = f"{distribution}-rank{rank}" if distributed else "single"
+    with open(os.path.join(out_dir, f"{case}-{mode}-{suffix}.json"), "w") as f:
         json.dump(result, f)
     if distributed:
+        keras.distribution.set_distribution(None)
         dist.barrier()
+    keras.backend.clear_session()
+
+
+def main():
+    out_dir, *runs = sys.argv[1:]
+    distributed = "RANK" in os.environ
+    rank, world = 0, 1
+    if distributed:
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    for run in runs:
+        case, mode, distribution = (run.split(":") + ["ddp"])[:3]
+        train(case, mode, distribution, out_dir, rank, world)
+    if distributed:
         dist.destroy_process_group()
 
 
