@@ -102,7 +102,9 @@ MUTANTS = [
         S + "consistency_terms.py",
         "weighted = weighted + entry.alpha * value",
         "weighted = weighted + value",
-        ("tests/test_rdrop_model.py",),
+        # A classifier with a sparse cross-entropy takes the fused path; these
+        # files train the general path too (fused against general).
+        ("tests/test_fused_cross_entropy.py", "tests/test_alpha_conversions.py"),
     ),
     Mutant(
         "schedule-step-frozen",
@@ -118,7 +120,7 @@ MUTANTS = [
         S + "rdrop_model.py",
         "            + self._task_loss(x, y, y_pred_2, sample_weight)\n",
         "            + self._task_loss(x, y, y_pred_1, sample_weight)\n",
-        ("tests/test_rdrop_model.py",),
+        ("tests/test_fused_cross_entropy.py", "tests/test_alpha_conversions.py"),
     ),
     Mutant(
         "concat-split-same-half",
