@@ -365,6 +365,15 @@ def test_no_stochastic_layer_warns_once():
     assert len(record) == 1
 
 
+def test_dropout_at_rate_zero_is_not_stochastic():
+    # A Dropout layer holds a seed generator but draws nothing at rate 0.
+    inner = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dropout(0.0), keras.layers.Dense(3)]
+    )
+    with pytest.warns(UserWarning, match="no stochastic layer"):
+        RDropModel(inner)
+
+
 def test_compile_without_loss_is_an_error():
     x, y = classification_data()
     model = RDropModel(mlp())
