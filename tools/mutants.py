@@ -50,7 +50,7 @@ S = "keras_rdrop/src/"
 MUTANTS = [
     Mutant(
         "kl-direction",
-        "`kind='kl'` computes KL(b||a) (the anchor's direction swapped)",
+        "`kind='kl'` computes KL(b‖a) (the anchor's direction swapped)",
         S + "consistency_terms.py",
         'first, second = (b, a) if self.kind == "reverse_kl" else (a, b)',
         'first, second = (a, b) if self.kind == "reverse_kl" else (b, a)',
@@ -66,7 +66,7 @@ MUTANTS = [
     ),
     Mutant(
         "kl-grad",
-        "the closed-form gradient of KL(p||q) in q is q + p instead of q - p",
+        "the closed-form gradient of KL(p‖q) in q is q + p instead of q - p",
         S + "chunked_gradients.py",
         "            term_b = q - p\n",
         "            term_b = q + p\n",
