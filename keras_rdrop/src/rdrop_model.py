@@ -257,8 +257,8 @@ class RDropModel(TaskPreprocessingModel):
                 f"The model {model.name!r} has no stochastic layer (Dropout, "
                 "GaussianNoise, ... with a non-zero rate), so both passes give "
                 "the same output and the R-Drop KL term is always 0 (in "
-                '"concat" mode, up to float rounding: about 1e-16). Add dropout '
-                "or set alpha=0.",
+                '"concat" mode, up to float rounding). Add dropout or set '
+                "alpha=0.",
                 UserWarning,
                 stacklevel=2,
             )
