@@ -8,8 +8,8 @@ kill by them is a kill by the whole suite; `--full` runs every test instead.
 Before the mutants, the same test files run on the unmutated copy and must
 pass, so a kill is never a test that was already red.
 
-Usage (from the repository root, after `tox -e jax,torch --notest` or any
-run that built the envs):
+Usage (from the repository root, after `tox -e torch -- --collect-only -q`
+or any run that built the env; `--notest` skips the Keras 3.16 install):
 
     python tools/mutants.py                      # every mutant, a table
     python tools/mutants.py --only kl-direction  # one of them
@@ -268,7 +268,7 @@ def apply(tree: Path, mutant: Mutant) -> None:
     path.write_text(text.replace(mutant.old, mutant.new), encoding="utf-8")
 
 
-def pytest(tree: Path, python: str, backend: str, tests, extra) -> tuple[int, str]:
+def pytest(tree: Path, python: str, backend: str, tests) -> tuple[int, str]:
     env = dict(os.environ)
     env.update(
         KERAS_BACKEND=backend,
@@ -279,7 +279,7 @@ def pytest(tree: Path, python: str, backend: str, tests, extra) -> tuple[int, st
     )
     command = [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
     proc = subprocess.run(
-        command + list(extra) + list(tests),
+        command + list(tests),
         cwd=tree,
         env=env,
         capture_output=True,
@@ -293,7 +293,7 @@ def env_python(env_dir: Path, backend: str, env_names: dict) -> str:
     if not python.exists():
         raise SystemExit(
             f"no interpreter at {python}: build the env first "
-            f"(tox -e {env_names[backend]} --notest), or pass --env-dir"
+            f"(tox -e {env_names[backend]} -- --collect-only -q), or pass --env-dir"
         )
     return str(python)
 
@@ -326,7 +326,7 @@ def main(argv=None) -> int:
             tests = sorted({t for m in chosen if m.backend == backend for t in m.tests})
             python = env_python(env_dir, backend, names)
             selected = () if args.full else tests
-            code, output = pytest(clean, python, backend, selected, ())
+            code, output = pytest(clean, python, backend, selected)
             if code != 0:
                 sys.stderr.write(output[-6000:])
                 raise SystemExit(f"the unmutated suite fails on {backend}")
@@ -338,25 +338,24 @@ def main(argv=None) -> int:
             python = env_python(env_dir, mutant.backend, names)
             tests = () if args.full else mutant.tests
             start = time.perf_counter()
-            code, output = pytest(tree, python, mutant.backend, tests, ())
+            code, output = pytest(tree, python, mutant.backend, tests)
             seconds = time.perf_counter() - start
-            killed = code != 0
             failed = [line for line in output.splitlines() if line.startswith("FAILED")]
             by = failed[0].split(" ")[1].split(" - ")[0] if failed else "(pytest error)"
-            if not killed:
+            if code == 0:
                 survivors += 1
                 by = "SURVIVED"
                 sys.stderr.write(f"--- {mutant.name} survived:\n{output[-3000:]}\n")
-            rows.append((mutant, killed, by, seconds))
+            rows.append((mutant, by, seconds))
             print(
                 f"[{i}/{len(chosen)}] {mutant.name}: "
-                f"{'killed' if killed else 'SURVIVED'} ({seconds:.0f} s)",
+                f"{'SURVIVED' if code == 0 else 'killed'} ({seconds:.0f} s)",
                 file=sys.stderr,
             )
             shutil.rmtree(tree, ignore_errors=True)
     print("| mutant | the bug | backend | killed by | s |")
     print("|---|---|---|---|---|")
-    for mutant, _killed, by, seconds in rows:
+    for mutant, by, seconds in rows:
         print(
             f"| {mutant.name} | {mutant.what} | {mutant.backend} | `{by}` "
             f"| {seconds:.0f} |"
