@@ -1,0 +1,543 @@
+"""Build `docs/numbers.md`: one table of every number the docs quote.
+
+Every number in README.md and docs/*.md that comes from a measurement is read
+here from the committed result files, never typed by hand:
+
+- `benchmarks/results/*.json` (step-time ratios through the benchmark's own
+  `rdrop_bench.stats.summarize`, the function behind `bench.py --report`),
+- the tables the example scripts write: `examples/RESULTS.md` (the default
+  demo), `examples/RESULTS_FULL.md` (the full protocol; its per-run records
+  are `examples/runs/*.json`) and `examples/HUB_RESULTS.md`.
+
+How to quote a number (for contributors):
+
+- Write `<!--n:KEY-->VALUE` in the Markdown, for example
+  `R-Drop costs <!--n:bench.mlp.torch.rdrop_concat-->1.50× plain`. The
+  comment is invisible once rendered. VALUE is the number exactly as the
+  table in `docs/numbers.md` spells it (a trailing `×`, `%` or unit after it
+  is prose, not part of the value).
+- A new number needs a new entry in `entries()` below, read from a
+  committed file. Then run `python tools/numbers_table.py` to rewrite
+  `docs/numbers.md`; `tests/test_numbers_table.py` fails while
+  `docs/numbers.md` is stale, while a quote differs from the table, and while
+  a ratio (a number followed by `×`) in the prose has no marker.
+- A result measured before a later change to the code it measures is
+  listed in `STALE` with the reason: its rows say "stale" and name the
+  commit they come from, until the benchmark is re-run and the file
+  replaced.
+
+Usage:
+
+    python tools/numbers_table.py            # rewrite docs/numbers.md
+    python tools/numbers_table.py --check    # exit 1 if stale or a quote differs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "docs" / "numbers.md"
+BENCH = ROOT / "benchmarks" / "results"
+EXAMPLES = ROOT / "examples"
+
+# `<!--n:KEY-->VALUE`: the marker and the number right after it.
+QUOTE = re.compile(r"<!--n:([\w.@+-]+)-->([-+−]?\d[\d,]*(?:\.\d+)?(?:/\d+)?)")
+# A ratio in prose: a number followed by ×.
+RATIO = re.compile(r"(?<![\w.])(\d+\.\d+)×")
+
+# Result files measured before a later change to what they measure.
+STALE = {
+    "benchmarks/results/fused-all.json": (
+        "measured before the anchor's fused path, the partial snapshot and the "
+        "restructured training step"
+    ),
+    "benchmarks/results/lora-anchor-after-torch.json": (
+        "measured before the anchor's fused path, which this classifier now takes"
+    ),
+    "benchmarks/results/torch-compile-mlp-after.json": (
+        "measured before the later changes to the fused R-Drop step"
+    ),
+    "benchmarks/results/torch-compile-mlp-after-keras316.json": (
+        "measured before the later changes to the fused R-Drop step"
+    ),
+    "examples/HUB_RESULTS.md": (
+        "run before the example moved onto the shared harness; not re-run"
+    ),
+}
+
+MODELS = {
+    "mlp": "MLP",
+    "transformer": "Transformer",
+    "bert_tiny": "BERT-tiny",
+    "lm50k": "lm50k",
+}
+VARIANTS = {
+    "wrapper": "RDropModel(alpha=0) / plain",
+    "rdrop_seq": "R-Drop sequential / plain",
+    "rdrop_concat": "R-Drop concat / plain",
+    "anchor": "anchor / plain",
+    "rdrop_anchor": "R-Drop + anchor / plain",
+}
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    value: str
+    what: str
+    source: str
+    commit: str
+
+    @property
+    def status(self) -> str:
+        return "stale" if self.source in STALE else "current"
+
+
+def _summarize():
+    """`rdrop_bench.stats.summarize`, imported from benchmarks/."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from rdrop_bench.stats import summarize
+    finally:
+        sys.path.pop(0)
+    return summarize
+
+
+def bench_rows(name: str):
+    """`(commit, {(model, backend, variant): row})` of one benchmark JSON."""
+    run = json.loads((BENCH / name).read_text(encoding="utf-8"))
+    summarize = _summarize()
+    rows = {}
+    for result in run["results"]:
+        summary = summarize(result)
+        for row in summary["rows"]:
+            row = dict(row, logits_bytes=result.get("logits_bytes"))
+            rows[result["model"], row["backend"], row["variant"]] = row
+    return run["meta"]["git"]["commit"], rows
+
+
+def exact_mb(row) -> float:
+    """XLA temp + arguments, or the bytes autograd saves, in MiB."""
+    xla = row.get("xla")
+    if xla and "temp_mb" in xla:
+        return xla["temp_mb"] + xla["arguments_mb"]
+    return row["saved_mb"]
+
+
+def md_cell(path: Path, heading: str, row: str, column: str) -> str:
+    """One cell of a Markdown table: the first table after `heading`."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = next(
+        i for i, line in enumerate(lines) if line.startswith("#") and heading in line
+    )
+    i = next(j for j in range(start, len(lines)) if lines[j].startswith("|"))
+    header = [c.strip() for c in lines[i].strip("|").split("|")]
+    for line in lines[i + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0].startswith(row):
+            return cells[header.index(column)]
+    raise KeyError(f"{path.name}: no row {row!r} under {heading!r}")
+
+
+def commit_of(path: Path) -> str:
+    """The commit a results file names ("Commit abc1234." or "at commit abc1234")."""
+    match = re.search(r"[Cc]ommit `?([0-9a-f]{7})", path.read_text(encoding="utf-8"))
+    return match.group(1) if match else "not recorded"
+
+
+def _mean(cell: str) -> str:
+    """`87.70 ± 1.51` -> `87.70`."""
+    return cell.split("±")[0].strip()
+
+
+def bench_entries() -> list[Entry]:
+    out = []
+    src = "benchmarks/results/fused-all.json"
+    commit, rows = bench_rows("fused-all.json")
+    for model, label in MODELS.items():
+        for backend in ("jax", "tensorflow", "torch"):
+            for variant, what in VARIANTS.items():
+                row = rows[model, backend, variant]
+                out.append(
+                    Entry(
+                        f"bench.{model}.{backend}.{variant}",
+                        f"{row['vs_plain']:.2f}",
+                        f"{label}, {backend}: {what}, step time (wall)",
+                        src,
+                        commit,
+                    )
+                )
+            for variant in ("plain", "rdrop_concat"):
+                row = rows[model, backend, variant]
+                out.append(
+                    Entry(
+                        f"bench.{model}.{backend}.{variant}.vs_loop",
+                        f"{row['vs_peer']:.2f}",
+                        f"{label}, {backend}: {variant} / the PyTorch loop's "
+                        f"{row['peer']}, step time (wall)",
+                        src,
+                        commit,
+                    )
+                )
+        row = rows[model, "PyTorch loop", "torch_rdrop"]
+        out.append(
+            Entry(
+                f"bench.{model}.loop.rdrop",
+                f"{row['vs_plain']:.2f}",
+                f"{label}, the PyTorch R-Drop loop / the plain PyTorch loop",
+                src,
+                commit,
+            )
+        )
+    for backend in ("jax", "tensorflow", "torch"):
+        plain = rows["lm50k", backend, "plain"]
+        logits_mb = plain["logits_bytes"] / 2**20
+        for variant in ("plain", "rdrop_seq"):
+            row = rows["lm50k", backend, variant]
+            value = exact_mb(row) / logits_mb
+            if variant != "plain":
+                value -= exact_mb(plain) / logits_mb
+            out.append(
+                Entry(
+                    f"bench.lm50k.{backend}.{variant}.logits",
+                    f"{value:.2f}",
+                    f"lm50k, {backend}: {variant}, exact step memory in logits "
+                    f"({'over plain' if variant != 'plain' else 'plain'})",
+                    src,
+                    commit,
+                )
+            )
+
+    src = "benchmarks/results/lm50k-anchor-tensorflow.json"
+    commit, rows = bench_rows("lm50k-anchor-tensorflow.json")
+    for variant, label in (("anchor@before", "before"), ("anchor", "now")):
+        row = rows["lm50k", "tensorflow", variant]
+        out.append(
+            Entry(
+                f"bench.lm50k.tensorflow.{variant.replace('@before', '.before')}.cpu",
+                f"{row['vs_plain_cpu']:.2f}",
+                f"lm50k, TensorFlow + XLA: anchor / plain, CPU time ({label})",
+                src,
+                commit,
+            )
+        )
+
+    src = "benchmarks/results/lora-anchor-after-torch.json"
+    commit, rows = bench_rows("lora-anchor-after-torch.json")
+    for variant, label in (("anchor@before", "full copy"), ("anchor", "partial")):
+        row = rows["lora", "torch", variant]
+        tag = variant.replace("@before", ".before")
+        out += [
+            Entry(
+                f"bench.lora.torch.{tag}.extra_mib",
+                f"{row['variables']['extra_mb']:.1f}",
+                f"LoRA GPT-2 (44.6M weights), torch: the anchor's extra "
+                f"variables, MiB ({label})",
+                src,
+                commit,
+            ),
+            Entry(
+                f"bench.lora.torch.{tag}.cpu",
+                f"{row['vs_plain_cpu']:.2f}",
+                f"LoRA GPT-2, torch: anchor / plain, CPU time ({label})",
+                src,
+                commit,
+            ),
+        ]
+
+    for name, keras in (
+        ("torch-compile-mlp-after.json", "3.15"),
+        ("torch-compile-mlp-after-keras316.json", "3.16"),
+    ):
+        commit, rows = bench_rows(name)
+        for variant in ("plain", "rdrop_seq", "rdrop_concat"):
+            row = rows["mlp", "torch", f"{variant}_jit"]
+            out.append(
+                Entry(
+                    f"bench.compile.keras{keras.replace('.', '')}.{variant}",
+                    f"{row['vs_counterpart_cpu']:.2f}",
+                    f"MLP, torch, Keras {keras}: {variant} compiled / eager, CPU time",
+                    f"benchmarks/results/{name}",
+                    commit,
+                )
+            )
+    return out
+
+
+def example_entries() -> list[Entry]:
+    out = []
+
+    def add(key, path, heading, row, column, what, transform=_mean):
+        value = transform(md_cell(path, heading, row, column))
+        out.append(
+            Entry(key, value, what, str(path.relative_to(ROOT)), commit_of(path))
+        )
+
+    full = EXAMPLES / "RESULTS_FULL.md"
+    trec = "MiniLM fine-tuned on TREC"
+    delta = "R-Drop − baseline: accuracy (points)"
+    add(
+        "trec.full.baseline.acc",
+        full,
+        trec,
+        "baseline",
+        "test accuracy (%)",
+        "MiniLM on TREC (320 questions, 5 seeds): baseline test accuracy (%)",
+    )
+    add(
+        "trec.full.rdrop.acc",
+        full,
+        trec,
+        "R-Drop",
+        "test accuracy (%)",
+        "MiniLM on TREC: R-Drop test accuracy (%) at the chosen alpha",
+    )
+    add(
+        "trec.full.rdrop.delta",
+        full,
+        trec,
+        "R-Drop",
+        delta,
+        "MiniLM on TREC: R-Drop − baseline, test accuracy (points)",
+    )
+    add(
+        "trec.full.rdrop.wins",
+        full,
+        trec,
+        "R-Drop",
+        "R-Drop wins",
+        "MiniLM on TREC: seeds R-Drop wins (of 5)",
+        str.strip,
+    )
+    base = float(_mean(md_cell(full, trec, "baseline", "train step (ms)")))
+    rdrop = float(_mean(md_cell(full, trec, "R-Drop", "train step (ms)")))
+    out.append(
+        Entry(
+            "trec.full.rdrop.step_ratio",
+            f"{rdrop / base:.2f}",
+            "MiniLM on TREC: R-Drop step / baseline step (one core)",
+            str(full.relative_to(ROOT)),
+            commit_of(full),
+        )
+    )
+
+    forget = "Forgetting on text"
+    for beta, tag, label in (
+        ("0", "plain", "plain fine-tuning"),
+        ("1", "beta1", "anchor, beta = 1"),
+    ):
+        cells = _row_by_beta(full, forget, beta)
+        for column, name in (
+            ("change on kept task (points)", "kept"),
+            ("change on new task (points)", "new"),
+            ("KL(model ‖ θ0) on task-A test texts", "drift"),
+            ("train step (ms)", "step"),
+        ):
+            out.append(
+                Entry(
+                    f"textforget.full.{tag}.{name}",
+                    _mean(cells[column]),
+                    f"MiniLM, movie reviews then tweets (5 seeds), {label}: {column}",
+                    str(full.relative_to(ROOT)),
+                    commit_of(full),
+                )
+            )
+    beta1, plain = "textforget.full.beta1.step", "textforget.full.plain.step"
+    steps = {e.key: float(e.value) for e in out if e.key.endswith(".step")}
+    out.append(
+        Entry(
+            "textforget.full.beta1.step_ratio",
+            f"{steps[beta1] / steps[plain]:.2f}",
+            "MiniLM forgetting: anchor (beta = 1) step / plain step (one core)",
+            str(full.relative_to(ROOT)),
+            commit_of(full),
+        )
+    )
+
+    default = EXAMPLES / "RESULTS.md"
+    add(
+        "mnist.default.rdrop.delta",
+        default,
+        "R-Drop vs baseline on MNIST",
+        "R-Drop",
+        delta,
+        "MNIST, default demo (3 seeds): R-Drop − baseline, test accuracy (points)",
+    )
+    add(
+        "trec.default.rdrop.delta",
+        default,
+        "MiniLM fine-tuned on TREC",
+        "R-Drop",
+        delta,
+        "MiniLM on TREC, default demo (160 questions): R-Drop − baseline (points)",
+    )
+    mnist_forget = "Forgetting: fine-tuning on a shifted domain"
+    add(
+        "mnistforget.default.plain.kept",
+        default,
+        mnist_forget,
+        "plain",
+        "change on kept task (points)",
+        "MNIST forgetting, default demo: plain, change on the original task (points)",
+    )
+    cells = _row_by_beta(default, mnist_forget, "0.3")
+    for column, name in (
+        ("change on kept task (points)", "kept"),
+        ("change on new task (points)", "new"),
+    ):
+        out.append(
+            Entry(
+                f"mnistforget.default.beta0.3.{name}",
+                _mean(cells[column]),
+                f"MNIST forgetting, default demo: anchor beta = 0.3, {column}",
+                str(default.relative_to(ROOT)),
+                commit_of(default),
+            )
+        )
+    add(
+        "mnistforget.default.plain.new",
+        default,
+        mnist_forget,
+        "plain",
+        "change on new task (points)",
+        "MNIST forgetting, default demo: plain, change on the new domain (points)",
+    )
+
+    hub = EXAMPLES / "HUB_RESULTS.md"
+    for row, tag in (
+        ("pretrained", "pretrained"),
+        ("fine-tuned, plain", "plain"),
+        ("fine-tuned, anchor β=0.3", "beta0.3"),
+    ):
+        for column, name in (
+            ("new (SMS) test ppl", "new"),
+            ("old (TREC) test ppl", "old"),
+        ):
+            value = _mean(md_cell(hub, "Causal LM fine-tuning", row, column))
+            out.append(
+                Entry(
+                    f"hub.{tag}.{name}_ppl",
+                    value,
+                    f"keras-hub GPT-2 causal LM: {row}, {column}",
+                    str(hub.relative_to(ROOT)),
+                    commit_of(hub),
+                )
+            )
+    return out
+
+
+def _row_by_beta(path: Path, heading: str, beta: str) -> dict:
+    """The row of an anchor table whose `beta` column is `beta`, by column."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    start = next(
+        i for i, line in enumerate(lines) if line.startswith("#") and heading in line
+    )
+    i = next(j for j in range(start, len(lines)) if lines[j].startswith("|"))
+    header = [c.strip() for c in lines[i].strip("|").split("|")]
+    for line in lines[i + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[header.index("beta")] == beta:
+            return dict(zip(header, cells))
+    raise KeyError(f"{path.name}: no beta {beta} under {heading!r}")
+
+
+def entries() -> list[Entry]:
+    return bench_entries() + example_entries()
+
+
+def render(rows: list[Entry]) -> str:
+    lines = [
+        "# Numbers",
+        "",
+        "Every number the README and these pages quote, read from the committed",
+        "result files by `tools/numbers_table.py` (do not edit by hand: run",
+        "`python tools/numbers_table.py`). Rows marked *stale* come from a",
+        "result measured before a later change to what it measures; they wait",
+        "for a re-run.",
+        "",
+        "| key | value | what | source | commit | status |",
+        "|---|---:|---|---|---|---|",
+    ]
+    for e in rows:
+        lines.append(
+            f"| `{e.key}` | {e.value} | {e.what} | `{e.source}` | `{e.commit}` "
+            f"| {e.status} |"
+        )
+    lines += [
+        "",
+        "Generated from the files named in the source column; each file's own",
+        "header gives the machine, versions and settings of its run.",
+        "",
+        "Stale sources, to re-run:",
+        "",
+    ]
+    used = {e.source for e in rows}
+    lines += [f"- `{src}`: {why}." for src, why in STALE.items() if src in used]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def doc_files() -> list[Path]:
+    return [ROOT / "README.md"] + sorted((ROOT / "docs").rglob("*.md"))
+
+
+def prose(text: str) -> str:
+    """`text` without fenced code blocks (a block's numbers are code)."""
+    return re.sub(r"^\s*```.*?^\s*```", "", text, flags=re.S | re.M)
+
+
+def check_quotes(rows: list[Entry], files=None) -> list[str]:
+    """Problems: unknown keys, values that differ, ratios without a marker."""
+    table = {e.key: e.value for e in rows}
+    problems = []
+    for path in files or doc_files():
+        if path == OUT:
+            continue
+        name = path.relative_to(ROOT)
+        text = prose(path.read_text(encoding="utf-8"))
+        for key, value in QUOTE.findall(text):
+            if key not in table:
+                problems.append(f"{name}: no number {key!r} in the table")
+            elif value.replace("−", "-") != table[key]:
+                problems.append(
+                    f"{name}: {key} quoted as {value}, the table says {table[key]}"
+                )
+        unmarked = QUOTE.sub("", text)
+        for match in RATIO.finditer(unmarked):
+            problems.append(
+                f"{name}: ratio {match.group(0)} without a <!--n:KEY--> marker"
+            )
+    return problems
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="check, do not write")
+    args = parser.parse_args(argv)
+    rows = entries()
+    text = render(rows)
+    problems = check_quotes(rows)
+    if args.check:
+        if OUT.read_text(encoding="utf-8") != text:
+            problems.insert(
+                0, f"{OUT.relative_to(ROOT)} is stale: run tools/numbers_table.py"
+            )
+    else:
+        OUT.write_text(text, encoding="utf-8")
+    for problem in problems:
+        print(problem)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
