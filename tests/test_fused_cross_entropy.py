@@ -7,10 +7,10 @@ import pytest
 from keras_rdrop import RDropModel
 from keras_rdrop.src import chunked_gradients
 from keras_rdrop.src.fused_cross_entropy import (
-    FusedLanguageModelLoss,
     cross_entropy_and_symmetric_kl,
     fusable_loss,
 )
+from keras_rdrop.src.step_paths import record_paths, use_paths
 from tests.testing import (
     assert_allclose,
     assert_same_training,
@@ -104,20 +104,6 @@ def test_which_losses_are_fused():
     assert not fusable_loss(Custom(from_logits=True), logits)
 
 
-def fused_path_spy():
-    """A stand-in for `FusedLanguageModelLoss.applies` that records, per
-    call, whether the fused path was taken."""
-    taken = []
-    applies = FusedLanguageModelLoss.applies
-
-    def spy(self, *args):
-        result = applies(self, *args)
-        taken.append(result)
-        return result
-
-    return spy, taken
-
-
 def lm(vocab=11, seed=0):
     keras.utils.set_random_seed(seed)
     tokens = keras.Input((6,), dtype="int32")
@@ -145,15 +131,8 @@ def test_fused_path_trains_like_the_general_path(mode, chunk_elements, monkeypat
     tokens = rng.integers(0, 11, size=(16, 6)).astype("int32")
     targets = rng.integers(0, 11, size=(16, 6)).astype("int32")
     weights = rng.uniform(0.0, 2.0, size=(16, 6)).astype("float32")
-    spy, taken = fused_path_spy()
-
     runs = []
-    for use_fused in (True, False):
-        monkeypatch.setattr(
-            FusedLanguageModelLoss,
-            "applies",
-            spy if use_fused else (lambda self, *args: False),
-        )
+    for path in ("fused_rdrop", "general"):
         model = RDropModel(lm(), alpha=1.5, mode=mode)
         model.compile(
             optimizer=keras.optimizers.SGD(0.5),
@@ -163,17 +142,18 @@ def test_fused_path_trains_like_the_general_path(mode, chunk_elements, monkeypat
             loss_weights=0.7,
         )
         keras.utils.set_random_seed(1)
-        history = model.fit(
-            tokens,
-            targets,
-            sample_weight=weights,
-            batch_size=8,
-            epochs=2,
-            shuffle=False,
-            verbose=0,
-        )
+        with use_paths(path), record_paths() as taken:
+            history = model.fit(
+                tokens,
+                targets,
+                sample_weight=weights,
+                batch_size=8,
+                epochs=2,
+                shuffle=False,
+                verbose=0,
+            )
         runs.append((history.history, [to_numpy(w) for w in model.weights]))
-    assert taken and all(taken), "the fused path was not taken"
+        assert taken and set(taken) == {path}, "the path was not taken"
     assert runs[0][0]["kl_loss"][0] > 0.05
     assert_same_training(runs[0], runs[1])
 
@@ -186,10 +166,7 @@ def test_fused_path_trains_like_the_general_path(mode, chunk_elements, monkeypat
     ],
     ids=["probabilities", "categorical"],
 )
-def test_other_losses_take_the_general_path(loss, monkeypatch):
-    spy, taken = fused_path_spy()
-
-    monkeypatch.setattr(FusedLanguageModelLoss, "applies", spy)
+def test_other_losses_take_the_general_path(loss):
     inner = keras.Sequential(
         [keras.Input((4,)), keras.layers.Dropout(0.3), keras.layers.Dense(3)]
     )
@@ -201,8 +178,9 @@ def test_other_losses_take_the_general_path(loss, monkeypatch):
     y = np.arange(8) % 3
     if isinstance(loss, keras.losses.CategoricalCrossentropy):
         y = np.eye(3)[y]
-    model.fit(x, y, epochs=1, verbose=0)
-    assert taken and not any(taken)
+    with record_paths() as taken:
+        model.fit(x, y, epochs=1, verbose=0)
+    assert taken and set(taken) == {"general"}
 
 
 @pytest.mark.skipif(

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from keras_rdrop import RDropModel, ReferenceKLRegularizer
-from keras_rdrop.src import chunked_gradients, rdrop_model
+from keras_rdrop.src import chunked_gradients
 from keras_rdrop.src.fused_cross_entropy import FusedLanguageModelLoss
 from keras_rdrop.src.fused_reference_kl import (
-    FusedAnchorLoss,
     chunked_for,
     cross_entropy_and_reference_kl,
 )
+from keras_rdrop.src.step_paths import record_paths, use_paths
 from tests.test_divergences import _finite_difference_grad, _grad
 from tests.test_fused_cross_entropy import lm
 from tests.testing import (
@@ -137,31 +137,15 @@ def test_bad_arguments_are_reported():
         cross_entropy_and_reference_kl((a, a, a), a, labels)
 
 
-def fused_anchor_spy():
-    """A stand-in for `FusedAnchorLoss.applies` recording what it returned."""
-    taken = []
-    applies = FusedAnchorLoss.applies
-
-    def spy(self, *args):
-        result = applies(self, *args)
-        taken.append(result)
-        return result
-
-    return spy, taken
-
-
-def train(monkeypatch, alpha, direction, fused, mode="concat", **options):
+def train(alpha, direction, fused, mode="concat", chunked=None, **options):
     """Two epochs of an anchored `lm` with masks, ignore_class, sample and
-    loss weights and a regularizer; `(history, weights)` and the spy's log.
-    `options` go to `RDropModel`."""
+    loss weights and a regularizer; `(history, weights)` and the paths taken.
+    `fused=False` turns the fused anchor path off (R-Drop's own fused path
+    stays on); `options` go to `RDropModel`."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 11, size=(16, 6)).astype("int32")
     targets = rng.integers(0, 11, size=(16, 6)).astype("int32")
     weights = rng.uniform(0.0, 2.0, size=(16, 6)).astype("float32")
-    spy, taken = fused_anchor_spy()
-    monkeypatch.setattr(
-        FusedAnchorLoss, "applies", spy if fused else (lambda self, *args: False)
-    )
     model = RDropModel(lm(), alpha=alpha, mode=mode, **options)
     model.compile(
         optimizer=keras.optimizers.SGD(0.5),
@@ -171,16 +155,18 @@ def train(monkeypatch, alpha, direction, fused, mode="concat", **options):
         loss_weights=0.7,
     )
     keras.utils.set_random_seed(1)
-    history = model.fit(
-        tokens,
-        targets,
-        sample_weight=weights,
-        batch_size=8,
-        epochs=3,
-        shuffle=False,
-        verbose=0,
-        callbacks=[ReferenceKLRegularizer(beta=0.8, direction=direction)],
-    )
+    paths = ("fused_anchor", "fused_rdrop") if fused else ("fused_rdrop",)
+    with use_paths(*paths, chunked=chunked), record_paths() as taken:
+        history = model.fit(
+            tokens,
+            targets,
+            sample_weight=weights,
+            batch_size=8,
+            epochs=3,
+            shuffle=False,
+            verbose=0,
+            callbacks=[ReferenceKLRegularizer(beta=0.8, direction=direction)],
+        )
     return (history.history, [to_numpy(w) for w in model.weights]), taken
 
 
@@ -221,13 +207,13 @@ def test_fused_anchor_path_trains_like_the_general_path(
     # `chunk_elements=None`: the whole-tensor pass that TensorFlow + XLA
     # takes (`chunked_for`), forced on every backend.
     monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements or 2**21)
-    if chunk_elements is None:
-        monkeypatch.setattr(rdrop_model, "chunked_for", lambda model: False)
+    chunked = False if chunk_elements is None else None
     # R-Drop's own fused path stays on for the general anchor path: only the
     # anchor's fusion differs between the runs.
-    fused, taken = train(monkeypatch, alpha, direction, fused=True)
-    general, _ = train(monkeypatch, alpha, direction, fused=False)
-    assert taken and all(taken), "the fused anchor path was not taken"
+    fused, taken = train(alpha, direction, fused=True, chunked=chunked)
+    general, general_taken = train(alpha, direction, fused=False, chunked=chunked)
+    assert taken and set(taken) == {"fused_anchor"}, "the fused path was not taken"
+    assert "fused_anchor" not in general_taken
     # The reference pulls: the KL is not small after the first epoch.
     assert fused[0]["ref_kl"][-1] > 1e-3
     assert_same_training(fused, general)
@@ -248,7 +234,7 @@ def test_fused_anchor_path_trains_like_the_general_path(
         "rdrop_anchor-scheduled_alpha-all_rows",
     ],
 )
-def test_fused_anchor_path_takes_schedules_and_all_rows(alpha, options, monkeypatch):
+def test_fused_anchor_path_takes_schedules_and_all_rows(alpha, options):
     # A scheduled alpha weighs R-Drop's KL by the schedule's value at each
     # step, and `consistency_on_all_rows=True` gives every position weight 1
     # in both KLs (sample_weight=0 included), on the fused anchor path as on
@@ -256,9 +242,10 @@ def test_fused_anchor_path_takes_schedules_and_all_rows(alpha, options, monkeypa
     if alpha == "schedule":
         # 0 for the first two steps, then 2.0: the steps differ.
         alpha = keras.optimizers.schedules.PiecewiseConstantDecay([1], [0.0, 2.0])
-    fused, taken = train(monkeypatch, alpha, "forward", fused=True, **options)
-    general, _ = train(monkeypatch, alpha, "forward", fused=False, **options)
-    assert taken and all(taken), "the fused anchor path was not taken"
+    fused, taken = train(alpha, "forward", fused=True, **options)
+    general, general_taken = train(alpha, "forward", fused=False, **options)
+    assert taken and set(taken) == {"fused_anchor"}, "the fused path was not taken"
+    assert "fused_anchor" not in general_taken
     assert fused[0]["ref_kl"][-1] > 1e-3
     assert_same_training(fused, general)
 
@@ -286,20 +273,21 @@ def test_rdrop_fused_path_is_not_run_twice(monkeypatch):
     assert not calls
 
 
-def test_other_losses_take_the_general_anchor_path(monkeypatch):
+def test_other_losses_take_the_general_anchor_path():
     # A subclass of Keras' loss may compute anything: the general path.
     class Custom(keras.losses.SparseCategoricalCrossentropy):
         pass
 
-    spy, taken = fused_anchor_spy()
-    monkeypatch.setattr(FusedAnchorLoss, "applies", spy)
     model = RDropModel(lm(), alpha=0.0)
     model.compile(optimizer="sgd", loss=Custom(from_logits=True))
     rng = np.random.default_rng(0)
     x = rng.integers(0, 11, size=(8, 6)).astype("int32")
     y = rng.integers(0, 11, size=(8, 6)).astype("int32")
-    history = model.fit(x, y, epochs=1, verbose=0, callbacks=[ReferenceKLRegularizer()])
-    assert taken and not any(taken)
+    with record_paths() as taken:
+        history = model.fit(
+            x, y, epochs=1, verbose=0, callbacks=[ReferenceKLRegularizer()]
+        )
+    assert taken and set(taken) == {"general"}
     assert np.isfinite(history.history["ref_kl"][0])
 
 

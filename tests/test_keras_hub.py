@@ -181,7 +181,7 @@ def test_lora_causal_lm_anchor_copies_only_the_lora_weights():
     assert extra < count(lm.weights) / 10
 
     # The reference's logits, as the training step computes them, are θ0's.
-    values = model.reference._reference_values(lm)
+    values = model.reference.reference_values(lm)
     reference_logits, _ = lm.stateless_call(*values, x, training=False)
     assert_allclose(reference_logits, theta0_logits, rtol=1e-5, atol=1e-5)
     assert not np.allclose(to_numpy(lm(x, training=False)), theta0_logits, atol=1e-3)

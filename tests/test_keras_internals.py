@@ -9,6 +9,7 @@ are tested here too, for every setting it reads.
 import keras
 import numpy as np
 import pytest
+from keras import ops
 
 from keras_rdrop import RDropModel
 from keras_rdrop.src import keras_internals
@@ -90,6 +91,38 @@ def test_reset_train_function_makes_fit_trace_again():
     assert model.train_function is None
     model.fit(x, y, epochs=1, verbose=0)
     assert model.train_function is not None and model.train_function is not first
+
+
+def test_additional_losses_are_what_compute_loss_adds():
+    # An integer regularization loss is cast to floatx and summed, as Keras'
+    # own `compute_loss` adds it to the compiled loss.
+    class AddsLosses(keras.layers.Layer):
+        def call(self, x):
+            self.add_loss(ops.ones((2, 3), "int32"))
+            self.add_loss(ops.sum(x) * 0.5)
+            return x
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, AddsLosses()(inputs))
+    model.compile(loss="mse")
+    x = np.arange(6, dtype="float32").reshape(2, 3)
+    y_pred = model(x)
+    losses = keras_internals.additional_losses(model)
+    assert [keras.backend.standardize_dtype(v.dtype) for v in losses] == [
+        keras.backend.floatx()
+    ] * 2
+    assert_allclose(losses[0], 6.0)
+    assert_allclose(losses[1], 7.5)
+    total = model.compute_loss(x, np.zeros_like(x), y_pred)
+    compiled = np.mean(np.square(np.arange(6.0).reshape(2, 3)), axis=-1).mean()
+    assert_allclose(total, compiled + 6.0 + 7.5, rtol=1e-6)
+
+
+def test_unscale_for_distribution_is_identity_without_replicas():
+    # Under `tf.distribute` it multiplies by the replica count
+    # (tests/test_distribution.py checks the logged values there).
+    value = ops.convert_to_tensor(1.5, "float32")
+    assert_allclose(keras_internals.unscale_for_distribution(value), 1.5)
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ def copied_paths(model):
 def reference_outputs(model, x):
     """The reference's inference outputs, as the training step computes them."""
     inner = model.model
-    trainable, non_trainable = model.reference._reference_values(inner)
+    trainable, non_trainable = model.reference.reference_values(inner)
     outputs, _ = inner.stateless_call(trainable, non_trainable, x, training=False)
     return to_numpy(outputs)
 

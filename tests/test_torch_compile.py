@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from keras_rdrop import RDropModel, ReferenceKLRegularizer
-from keras_rdrop.src.reference_snapshot import ReferenceSettings
+from keras_rdrop.src.reference_penalty import ReferenceSettings
 
 pytestmark = [
     pytest.mark.torch,

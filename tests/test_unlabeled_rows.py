@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from keras_rdrop import RDropModel, ReferenceKLRegularizer
-from keras_rdrop.src.fused_cross_entropy import FusedLanguageModelLoss
+from keras_rdrop.src.step_paths import record_paths
 from tests.models import NUM_CLASSES, classification_data, mlp
 from tests.testing import assert_allclose, np_log_softmax, np_symmetric_kl, to_numpy
 
@@ -27,18 +27,15 @@ LABELED = np.arange(N) % 3 == 0  # rows 0, 3, 6, ...: a third labeled
 
 
 @pytest.fixture
-def fused_calls(monkeypatch):
-    """Records whether each step took the fused path."""
-    calls = []
-    applies = FusedLanguageModelLoss.applies
+def fused_calls():
+    """Whether each traced step took R-Drop's fused path (`record_paths`)."""
+    with record_paths() as taken:
+        yield taken
 
-    def spy(self, *args):
-        result = applies(self, *args)
-        calls.append(result)
-        return result
 
-    monkeypatch.setattr(FusedLanguageModelLoss, "applies", spy)
-    return calls
+def took(fused: bool) -> list:
+    """What `fused_calls` holds after one step on the fused or general path."""
+    return ["fused_rdrop" if fused else "general"]
 
 
 def two_pass_step(model, x, y, sample_weight=None):
@@ -79,7 +76,7 @@ def test_ignore_class_rows_get_the_kl_but_no_task_loss(from_logits, fused, fused
         from_logits=from_logits, ignore_class=IGNORE
     )
     logs, o1, o2 = two_pass_step(build(loss, from_logits), x, y)
-    assert fused_calls == [fused]
+    assert fused_calls == took(fused)
     rows = np.flatnonzero(LABELED)
 
     def ce(o):
@@ -100,7 +97,7 @@ def test_zero_sample_weight_rows(from_logits, fused, all_rows, fused_calls):
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits)
     model = build(loss, from_logits, consistency_on_all_rows=all_rows)
     logs, o1, o2 = two_pass_step(model, x, y, sample_weight=w)
-    assert fused_calls == [fused]
+    assert fused_calls == took(fused)
 
     def ce(o):
         # Keras' default reduction, "sum_over_batch_size": divided by all N.
@@ -125,7 +122,7 @@ def test_any_loss_with_mean_with_sample_weight(fused_calls):
     )
     model = build(loss, True, consistency_on_all_rows=True)
     logs, o1, o2 = two_pass_step(model, x, one_hot, sample_weight=w)
-    assert fused_calls == [False]
+    assert fused_calls == took(False)
     rows = np.flatnonzero(LABELED)
 
     def ce(o):
@@ -172,7 +169,7 @@ def test_ignore_class_with_a_keras_mask(from_logits, fused, fused_calls):
     model = RDropModel(sequence_model(vocab, length, from_logits), alpha=ALPHA)
     model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0), loss=loss)
     logs, o1, o2 = two_pass_step(model, tokens, labels)
-    assert fused_calls == [fused]
+    assert fused_calls == took(fused)
     valid = ~pad
     scored = valid & ~unlabeled
 

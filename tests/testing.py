@@ -4,7 +4,8 @@ import keras
 import numpy as np
 import pytest
 
-from keras_rdrop.src.consistency_terms import pairwise_consistency
+from keras_rdrop.src.alpha_schedule import weigh_terms
+from keras_rdrop.src.consistency_terms import pairwise_terms
 
 # keras-hub 0.32 (the newest release) imports `get_keras_mask` from
 # `keras.src.backend`, which Keras 3.16 no longer exports; the tox envs on
@@ -90,4 +91,5 @@ def assert_same_training(actual, expected):
 def consistency(model, y_pred_1, y_pred_2, sample_weight=None):
     """The general path's consistency terms of `model` between two passes."""
     plan = model._plans.get(model, y_pred_1)
-    return pairwise_consistency(plan, y_pred_1, y_pred_2, sample_weight)
+    terms = pairwise_terms(plan, y_pred_1, y_pred_2, sample_weight)
+    return weigh_terms(terms, model.alpha, {})

@@ -18,13 +18,12 @@ the optimizer's counter would be read as the constant of the first trace.
 
 The plan (`output_plan.build_plan`) sees a scheduled output with weight 1
 (`plan_alpha`), so its consistency term is always computed (a schedule that
-is 0 at step 0 does not switch the second pass off); `weigh_consistency`
+is 0 at step 0 does not switch the second pass off); `weigh_terms`
 applies the step's value.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 from typing import Any
@@ -151,55 +150,32 @@ def _group_of(alpha: Any, output_name: str) -> str | None:
     return "alpha" if is_schedule(alpha) else None
 
 
-def weigh_consistency(plan, alpha: Any, current: dict, consistency_of) -> dict:
-    """The consistency terms with each scheduled output weighted by its value.
+def weigh_terms(terms, alpha: Any, current: dict) -> dict:
+    """R-Drop's consistency, weighted: each output's term times its `alpha`.
+
+    The one place where `alpha` and its schedules weigh the terms, for every
+    loss path.
 
     Args:
-        plan: The step's plan, built from `plan_alpha(alpha)`.
+        terms: `(plan entry, value)` pairs (`StepLosses.terms`), unweighted.
         alpha: The model's validated `alpha`.
         current: The step's value of each schedule, by log name
             (`log_names`); empty when nothing is scheduled.
-        consistency_of: `plan -> {"weighted": ..., "unweighted": ...}`.
 
     Returns:
-        `{"weighted": ..., "unweighted": ...}` over every output: the outputs
-        sharing a schedule are computed together, each term once, and their
-        weighted sum is multiplied by the schedule's value.
+        `{"weighted": ..., "unweighted": ...}`: the sums over the outputs of
+        `alpha * term` (a scheduled output: its value at the step times the
+        term) and of the terms, float32 scalars (0 without terms).
     """
-    if not current:
-        return consistency_of(plan)
-    groups: dict = {}
-    for entry in plan:
-        groups.setdefault(_group_of(alpha, entry.name), set()).add(entry.name)
-    weighted = unweighted = None
-    for group, names in groups.items():
-        sub_plan = tuple(
-            e if e.name in names else dataclasses.replace(e, alpha=0.0) for e in plan
-        )
-        if not any(e.term is not None and e.alpha != 0 for e in sub_plan):
-            continue
-        part = consistency_of(sub_plan)
-        value = part["weighted"]
-        if group is not None:
-            value = current[group] * value
-        weighted = value if weighted is None else weighted + value
-        part_unweighted = part["unweighted"]
-        unweighted = (
-            part_unweighted if unweighted is None else unweighted + part_unweighted
-        )
-    if weighted is None:
-        zero = ops.zeros((), "float32")
-        return {"weighted": zero, "unweighted": zero}
+    weighted = unweighted = ops.zeros((), "float32")
+    for entry, value in terms:
+        unweighted = unweighted + value
+        term = entry.alpha * value
+        group = _group_of(alpha, entry.name)
+        if group is not None and group in current:
+            term = current[group] * term
+        weighted = weighted + term
     return {"weighted": weighted, "unweighted": unweighted}
-
-
-def scale_by_schedule(consistency: dict, plan, alpha: Any, current: dict) -> dict:
-    """A one-output plan's terms (the fused path's) weighted by its schedule."""
-    (entry,) = plan
-    group = _group_of(alpha, entry.name)
-    if group is None or group not in current:
-        return consistency
-    return dict(consistency, weighted=current[group] * consistency["weighted"])
 
 
 def serialize_alpha(alpha: Any):

@@ -116,33 +116,32 @@ def per_output_weights(sample_weight, num_outputs: int) -> list:
     return [sample_weight] * num_outputs
 
 
-def pairwise_consistency(plan, y_pred_1, y_pred_2, sample_weight) -> dict:
-    """The R-Drop term between two passes, summed over the plan's outputs.
+def pairwise_terms(plan, y_pred_1, y_pred_2, sample_weight) -> tuple:
+    """R-Drop's term between two passes, for each output that has one.
 
     Args:
         plan: The per-output plan (`output_plan.build_plan`).
         y_pred_1: The outputs of the first pass.
         y_pred_2: The outputs of the second pass, the same structure.
-        sample_weight: The step's `sample_weight` (any structure) or `None`.
+        sample_weight: The consistency weight (any structure) or `None`.
 
     Returns:
-        A dict with `"weighted"` (sum of `alpha * term`) and `"unweighted"`
-        (sum of the terms), float32 scalars.
+        A tuple of `(plan entry, value)`: the unweighted symmetric KL (or
+        mean squared difference) of each output whose entry has a term and a
+        non-zero `alpha`, as a float32 scalar.
     """
     flat_1 = keras.tree.flatten(y_pred_1)
     flat_2 = keras.tree.flatten(y_pred_2)
     weights = per_output_weights(copy_sample_weight(sample_weight), len(flat_1))
-    weighted = ops.zeros((), "float32")
-    unweighted = ops.zeros((), "float32")
+    terms = []
     for entry, a, b, w in zip(plan, flat_1, flat_2, weights):
         if entry.term is None or entry.alpha == 0:
             continue
         value = entry.term.pairwise("symmetric_kl")(
             a, b, sample_weight=position_weights(w, a)
         )
-        unweighted = unweighted + value
-        weighted = weighted + entry.alpha * value
-    return {"weighted": weighted, "unweighted": unweighted}
+        terms.append((entry, value))
+    return tuple(terms)
 
 
 def position_weights(sample_weight, output):
@@ -173,16 +172,3 @@ def num_replicas_in_sync() -> int:
     import tensorflow as tf
 
     return tf.distribute.get_strategy().num_replicas_in_sync
-
-
-def unscale_for_distribution(value):
-    """Undoes the per-replica scaling of a loss value, for the logs.
-
-    Under `tf.distribute` Keras divides every loss by the number of replicas
-    so that the summed gradients are those of the global batch; a value logged
-    as a metric must be multiplied back (what Keras does for `loss`).
-    """
-    replicas = num_replicas_in_sync()
-    if replicas > 1:
-        value = ops.multiply(value, ops.cast(replicas, value.dtype))
-    return value

@@ -39,6 +39,7 @@ from keras_rdrop.src.divergences import as_float
 from keras_rdrop.src.keras_internals import get_keras_mask, set_keras_mask
 from keras_rdrop.src.output_plan import loss_config, loss_setting
 from keras_rdrop.src.prediction_checks import check_values
+from keras_rdrop.src.step_inputs import StepInputs
 
 
 def fusable_loss(loss, y_pred) -> bool:
@@ -161,14 +162,7 @@ def cross_entropy_and_symmetric_kl(a, b, labels):
     return chunked_pair_op(a, b, axis, value_chunk, grads_chunk, out_axis, extra=labels)
 
 
-def additional_loss(loss):
-    """One `model.losses` entry summed, as Keras' `compute_loss` adds it."""
-    if not keras.backend.is_float_dtype(keras.backend.standardize_dtype(loss.dtype)):
-        loss = ops.cast(loss, keras.backend.floatx())
-    return ops.sum(loss)
-
-
-def fusable_step(plan, loss, loss_weights, y, y_pred, sample_weight) -> bool:
+def fusable_step(step: StepInputs) -> bool:
     """Whether one step's task loss can be computed by a fused pass.
 
     The conditions every fused path shares: one output, whose consistency
@@ -176,16 +170,17 @@ def fusable_step(plan, loss, loss_weights, y, y_pred, sample_weight) -> bool:
     `SparseCategoricalCrossentropy(from_logits=True)` (`fusable_loss`), a
     float `loss_weights` or none, and sparse labels of the right shape.
     """
+    y, y_pred, loss_weights = step.y, step.y_pred_1, step.loss_weights
     nested = keras.tree.is_nested
-    if nested(y_pred) or nested(y) or nested(sample_weight):
+    if nested(y_pred) or nested(y) or nested(step.sample_weight):
         return False
     if isinstance(loss_weights, bool) or not (
         loss_weights is None or isinstance(loss_weights, numbers.Real)
     ):
         return False
-    if not fusable_loss(loss, y_pred):
+    if not fusable_loss(step.loss, y_pred):
         return False
-    (entry,) = plan
+    (entry,) = step.plan
     term = entry.term
     if term is None or term.kind != "distribution":
         return False
@@ -245,9 +240,10 @@ def reduced_consistency(kind, values, a, b, sample_weight):
 
 
 def with_additional_losses(task_loss, losses):
-    """`task_loss` plus each `model.losses` entry, as `compute_loss` adds them."""
+    """`task_loss` plus each summed `model.losses` entry
+    (`keras_internals.additional_losses`), as `compute_loss` adds them."""
     for extra in losses:
-        task_loss = task_loss + additional_loss(extra)
+        task_loss = task_loss + extra
     return task_loss
 
 
@@ -263,90 +259,60 @@ class FusedLanguageModelLoss:
     loss reduction, without the general path's logits-sized intermediates.
     """
 
-    def applies(self, plan, loss, loss_weights, y, y_pred_1, y_pred_2, sample_weight):
+    def applies(self, step: StepInputs) -> bool:
         """Whether this path computes the step; see the class docstring."""
-        if y_pred_2 is None:
+        if step.y_pred_2 is None or not fusable_step(step):
             return False
-        if not fusable_step(plan, loss, loss_weights, y, y_pred_1, sample_weight):
-            return False
-        (entry,) = plan
+        (entry,) = step.plan
         return entry.alpha != 0
 
-    def compute(
-        self,
-        plan,
-        loss,
-        loss_weights,
-        losses,
-        y,
-        y_pred_1,
-        y_pred_2,
-        sample_weight,
-        weight_consistency=True,
-    ):
-        """`(task_loss, {"weighted": ..., "unweighted": ...})` for the step.
+    def compute(self, step: StepInputs):
+        """`(task_loss, kl)` for the step (`applies` returned True for it).
 
-        Args:
-            plan: The one-output plan (`applies` returned True for it).
-            loss: The compiled `SparseCategoricalCrossentropy`.
-            loss_weights: The float `loss_weights` given to `compile`, or
-                `None`.
-            losses: The model's additional losses (`model.losses`).
-            y: Sparse labels.
-            y_pred_1: Logits of the first pass.
-            y_pred_2: Logits of the second pass.
-            sample_weight: The step's `sample_weight`, or `None`.
-            weight_consistency: Whether the KL is weighted by
-                `sample_weight` like the task loss; `False` gives every
-                position weight 1 (unlabeled rows have `sample_weight=0`).
-                Rows whose label is `ignore_class` get the KL either way.
+        `kl` is the unweighted symmetric KL between the passes, weighted per
+        position by `step.consistency_weight` (rows whose label is
+        `ignore_class` get the KL too).
         """
-        (entry,) = plan
-        check_values(y_pred_1, True, "categorical", -1, "y_pred")
-        labels, valid = task_labels(loss, y, y_pred_1)
-        values = cross_entropy_and_symmetric_kl(y_pred_1, y_pred_2, labels)
-        return reduce_two_passes(
-            entry.alpha,
-            (loss, loss_weights, losses, y, valid, sample_weight),
-            values,
-            y_pred_1,
-            y_pred_2,
-            weight_consistency,
-        )
+        check_values(step.y_pred_1, True, "categorical", -1, "y_pred")
+        labels, valid = task_labels(step.loss, step.y, step.y_pred_1)
+        values = cross_entropy_and_symmetric_kl(step.y_pred_1, step.y_pred_2, labels)
+        return reduce_two_passes(step, values, valid)
 
 
 # It holds no state: one instance serves every step.
 FUSED_LANGUAGE_MODEL = FusedLanguageModelLoss()
 
 
-def reduce_two_passes(alpha, task, values, y_pred_1, y_pred_2, weight_consistency=True):
-    """R-Drop's `(task_loss, consistency)` from fused per-position values.
+def reduce_two_passes(step: StepInputs, values, valid):
+    """R-Drop's `(task_loss, kl)` from fused per-position values.
 
     Args:
-        alpha: The output's R-Drop weight.
-        task: `(loss, loss_weights, losses, y, valid, sample_weight)`, as
-            `FusedLanguageModelLoss.compute` takes them (`valid` from
-            `task_labels`).
+        step: The step's inputs.
         values: `values[0]`, `values[1]`: the cross-entropy of each pass;
             `values[2]`: their symmetric KL.
-        y_pred_1, y_pred_2: The two passes' logits (for their masks).
-        weight_consistency: Whether the KL is weighted by `sample_weight`
-            like the task loss (`False`: every position weighs 1).
+        valid: The positions that count (`task_labels`), or `None`.
     """
-    loss, loss_weights, losses, y, valid, sample_weight = task
     task_losses = [
         reduced_cross_entropy(
-            loss, loss_weights, y, values[i], y_pred, valid, sample_weight
+            step.loss,
+            step.loss_weights,
+            step.y,
+            values[i],
+            y_pred,
+            valid,
+            step.sample_weight,
         )
-        for i, y_pred in enumerate((y_pred_1, y_pred_2))
+        for i, y_pred in enumerate((step.y_pred_1, step.y_pred_2))
     ]
-    task_loss = with_additional_losses(0.5 * (task_losses[0] + task_losses[1]), losses)
+    task_loss = with_additional_losses(
+        0.5 * (task_losses[0] + task_losses[1]), step.additional_losses
+    )
     # The KL is reduced as `PairwiseTerm` reduces it on the general path.
     kl = reduced_consistency(
         "symmetric_kl",
         values[2],
-        y_pred_1,
-        y_pred_2,
-        sample_weight if weight_consistency else None,
+        step.y_pred_1,
+        step.y_pred_2,
+        step.consistency_weight,
     )
-    return task_loss, {"weighted": alpha * kl, "unweighted": kl}
+    return task_loss, kl

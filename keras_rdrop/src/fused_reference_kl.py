@@ -19,8 +19,6 @@ losses are those of the general path.
 
 from __future__ import annotations
 
-import dataclasses
-
 import keras
 from keras import ops
 
@@ -40,6 +38,7 @@ from keras_rdrop.src.fused_cross_entropy import (
     with_additional_losses,
 )
 from keras_rdrop.src.prediction_checks import check_values
+from keras_rdrop.src.step_inputs import StepInputs
 from keras_rdrop.src.whole_reference_kl import (
     KINDS,
     cross_entropy_and_reference_kl_whole,
@@ -237,34 +236,6 @@ def cross_entropy_and_reference_kl(
     return op(*passes)
 
 
-@dataclasses.dataclass
-class AnchorTask:
-    """The step's task loss, for `FusedAnchorLoss` to compute with the KL.
-
-    Attributes:
-        loss: The compiled `SparseCategoricalCrossentropy`.
-        loss_weights: The float `loss_weights` given to `compile`, or `None`.
-        losses: The model's additional losses (`model.losses`), read before
-            the reference's pass.
-        y: Sparse labels.
-        y_pred_2: R-Drop's second pass, or `None` (`alpha=0`).
-        chunked: Whether the fused pass runs by chunks (see
-            `chunked_for`).
-        weight_consistency: Whether R-Drop's KL and the KL to the
-            reference are weighted by `sample_weight` like the task loss
-            (`False`, with `consistency_on_all_rows=True`: every position
-            weighs 1).
-    """
-
-    loss: keras.losses.Loss
-    loss_weights: float | None
-    losses: list
-    y: object
-    y_pred_2: object = None
-    chunked: bool = True
-    weight_consistency: bool = True
-
-
 def chunked_for(model: keras.Model) -> bool:
     """Whether the fused anchor pass of `model`'s training step runs by chunks.
 
@@ -293,62 +264,53 @@ class FusedAnchorLoss:
     path, reduced by Keras' own loss reduction.
     """
 
-    def applies(self, plan, loss, loss_weights, y, y_pred_1, y_pred_2, sample_weight):
+    def applies(self, step: StepInputs) -> bool:
         """Whether this path computes the step; see the class docstring."""
-        if not fusable_step(plan, loss, loss_weights, y, y_pred_1, sample_weight):
+        if not fusable_step(step):
             return False
-        (entry,) = plan
+        (entry,) = step.plan
+        y_pred_2 = step.y_pred_2
         return y_pred_2 is None or (entry.alpha != 0 and hasattr(y_pred_2, "shape"))
 
-    def compute(
-        self, plan, task: AnchorTask, y_pred, reference, sample_weight, kind: str
-    ):
-        """`(task_loss, consistency, kl)` for the step.
+    def compute(self, step: StepInputs, reference, kind: str):
+        """`(task_loss, rdrop_kl, reference_kl)` for the step.
 
         Args:
-            plan: The one-output plan (`applies` returned True for it).
-            task: The step's task loss (`AnchorTask`).
-            y_pred: The live logits (R-Drop's first pass).
+            step: The step's inputs (`applies` returned True for them).
             reference: The reference's logits on the same inputs, constant.
-            sample_weight: The step's `sample_weight`, or `None`.
             kind: The KL to the reference (`"kl"`, `"reverse_kl"` or
                 `"symmetric_kl"`).
 
         Returns:
             The task loss (averaged over both passes with R-Drop, plus
-            `model.losses`), R-Drop's `{"weighted": ..., "unweighted": ...}`
-            (`None` without a second pass), and the KL to the reference,
-            reduced as `PairwiseTerm(kind)` reduces it.
+            `model.losses`), R-Drop's unweighted symmetric KL (`None`
+            without a second pass), and the KL to the reference, reduced as
+            `PairwiseTerm(kind)` reduces it.
         """
+        y_pred = step.y_pred_1
         check_values(y_pred, True, "categorical", -1, "y_pred")
-        labels, valid = task_labels(task.loss, task.y, y_pred)
-        live = y_pred if task.y_pred_2 is None else (y_pred, task.y_pred_2)
+        labels, valid = task_labels(step.loss, step.y, y_pred)
+        live = y_pred if step.y_pred_2 is None else (y_pred, step.y_pred_2)
         values = cross_entropy_and_reference_kl(
-            live, reference, labels, kind, chunked=task.chunked
+            live, reference, labels, kind, chunked=step.chunked
         )
-        kl_weight = sample_weight if task.weight_consistency else None
-        kl = reduced_consistency(kind, values[-1], y_pred, reference, kl_weight)
-        if task.y_pred_2 is None:
+        kl = reduced_consistency(
+            kind, values[-1], y_pred, reference, step.consistency_weight
+        )
+        if step.y_pred_2 is None:
             task_loss = reduced_cross_entropy(
-                task.loss,
-                task.loss_weights,
-                task.y,
+                step.loss,
+                step.loss_weights,
+                step.y,
                 values[0],
                 y_pred,
                 valid,
-                sample_weight,
+                step.sample_weight,
             )
-            return with_additional_losses(task_loss, task.losses), None, kl
-        (entry,) = plan
-        task_loss, consistency = reduce_two_passes(
-            entry.alpha,
-            (task.loss, task.loss_weights, task.losses, task.y, valid, sample_weight),
-            values,
-            y_pred,
-            task.y_pred_2,
-            task.weight_consistency,
-        )
-        return task_loss, consistency, kl
+            task_loss = with_additional_losses(task_loss, step.additional_losses)
+            return task_loss, None, kl
+        task_loss, rdrop_kl = reduce_two_passes(step, values, valid)
+        return task_loss, rdrop_kl, kl
 
 
 # It holds no state: one instance serves every step.

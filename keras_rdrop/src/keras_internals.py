@@ -21,6 +21,12 @@ test instead of silently changing behaviour.
   `SparseCategoricalCrossentropy` omits `axis`).
 - `reset_train_function`: `Model.train_function = None`. Makes Keras trace the
   training step again after the anchor's settings change.
+- `additional_losses`: `Trainer._aggregate_additional_loss`. The fused paths
+  add `model.losses` to their task loss exactly as Keras' `compute_loss` does.
+- `unscale_for_distribution`: `keras.src.losses.loss.
+  unscale_loss_for_distribution`. A loss value logged as a metric under
+  `tf.distribute` is multiplied back by the replica count, as Keras does for
+  `loss`.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ try:  # Keras 3.15 and 3.16 (3.16 no longer re-exports them in `keras.src.backen
     from keras.src.backend.common.masking import set_keras_mask as _set_keras_mask
 except ImportError:  # pragma: no cover - depends on the Keras version
     _get_keras_mask = _set_keras_mask = None
+from keras.src.losses.loss import unscale_loss_for_distribution as _unscale
 
 
 def get_keras_mask(x):
@@ -80,3 +87,13 @@ def loss_function_kwargs(loss) -> dict:
 def reset_train_function(model: keras.Model) -> None:
     """Makes the next `fit` trace its training step afresh."""
     model.train_function = None
+
+
+def additional_losses(model: keras.Model) -> list:
+    """Each of `model.losses`, summed and cast as Keras' `compute_loss` adds it."""
+    return [model._aggregate_additional_loss(loss) for loss in model.losses]
+
+
+def unscale_for_distribution(value):
+    """`value` times the `tf.distribute` replica count (1 elsewhere)."""
+    return _unscale(value)

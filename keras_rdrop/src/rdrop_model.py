@@ -14,26 +14,24 @@ from keras_rdrop.src.alpha_schedule import (
     deserialize_alpha,
     is_scheduled,
     log_names,
-    scale_by_schedule,
     serialize_alpha,
     step_counter,
     validate_alpha,
-    weigh_consistency,
+    weigh_terms,
 )
-from keras_rdrop.src.consistency_terms import (
-    copy_sample_weight,
-    pairwise_consistency,
-    unscale_for_distribution,
-)
-from keras_rdrop.src.fused_cross_entropy import FUSED_LANGUAGE_MODEL
-from keras_rdrop.src.fused_reference_kl import FUSED_ANCHOR, AnchorTask, chunked_for
+from keras_rdrop.src.consistency_terms import copy_sample_weight
+from keras_rdrop.src.fused_reference_kl import chunked_for
 from keras_rdrop.src.keras_hub_pipeline import TaskPreprocessingModel
+from keras_rdrop.src.keras_internals import additional_losses, unscale_for_distribution
 from keras_rdrop.src.label_checks import LabelCheck
 from keras_rdrop.src.model_checks import has_stochastic_layer, validate_bool
 from keras_rdrop.src.output_plan import PlanCache
+from keras_rdrop.src.reference_penalty import weighted_penalty
 from keras_rdrop.src.reference_snapshot import ReferenceSnapshot
 from keras_rdrop.src.seed_state import is_seed_key, load_seed_states, save_seed_states
 from keras_rdrop.src.stacked_passes import split_passes, stack_twice
+from keras_rdrop.src.step_inputs import StepInputs
+from keras_rdrop.src.step_paths import select_path
 
 MODES = ("sequential", "concat")
 _OWN_LOG_NAMES = ("kl_loss", "task_loss", "ref_kl")
@@ -271,7 +269,7 @@ class RDropModel(TaskPreprocessingModel):
             return any(a > 0 for a in self.alpha.values())
         return self.alpha > 0
 
-    def _current_alphas(self) -> dict:
+    def _advance_alpha_step(self) -> dict:
         """Each schedule's value at this training step; advances the step."""
         if not self._alpha_schedules:
             return {}
@@ -317,6 +315,35 @@ class RDropModel(TaskPreprocessingModel):
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
         self._in_training_step = bool(training)
+        self._check_step(y, y_pred, training)
+        if not training:
+            return super().compute_loss(x, y, y_pred, sample_weight, training=False)
+        step = self._step_inputs(x, y, y_pred, sample_weight)
+        anchored = self.reference.active
+        path = select_path(step, anchored)
+        losses = path.compute(step, self.reference if anchored else None, self.model)
+        total = losses.task_loss
+        self.task_loss_tracker.update_state(
+            unscale_for_distribution(losses.task_loss), sample_weight=step.batch_size
+        )
+        if step.y_pred_2 is not None:
+            current_alphas = self._advance_alpha_step()
+            consistency = weigh_terms(losses.terms, self.alpha, current_alphas)
+            total = total + consistency["weighted"]
+            # Under `tf.distribute` the loss values are scaled per replica;
+            # the logs show them unscaled, as Keras does for `loss`.
+            self.kl_loss_tracker.update_state(
+                unscale_for_distribution(consistency["unweighted"]),
+                sample_weight=step.batch_size,
+            )
+        if losses.reference_kl is not None:
+            total = total + weighted_penalty(
+                self.reference, losses.reference_kl, step.batch_size
+            )
+        return total
+
+    def _check_step(self, y, y_pred, training) -> None:
+        """Stops a step that cannot compute its loss, saying how to fix it."""
         if training and self.loss is None and not self.losses:
             # Keras' JAX trainer would silently train on a zero loss.
             raise ValueError(
@@ -336,115 +363,40 @@ class RDropModel(TaskPreprocessingModel):
             one_pass = split_passes(y_pred)[0] if self._stacks(training) else y_pred
             output_names = getattr(self.model, "output_names", None)
             self._check_labels(self.loss, y, one_pass, output_names)
-        if not training:
-            return super().compute_loss(x, y, y_pred, sample_weight, training=False)
-        if self._stacks(training):
+
+    def _step_inputs(self, x, y, y_pred, sample_weight) -> StepInputs:
+        """The training step's `StepInputs`: both passes and their weights."""
+        if self._stacks(True):
             y_pred_1, y_pred_2 = split_passes(y_pred)
         else:
             y_pred_1 = y_pred
             y_pred_2 = self.model(x, training=True) if self._rdrop_enabled() else None
-        plan = self._plans.get(self, y_pred_1)
-        batch_size = ops.shape(keras.tree.flatten(x)[0])[0]
-        consistency = penalty = None
-        args = (self.loss, self._loss_weights, y, y_pred_1, y_pred_2, sample_weight)
-        if self.reference.active and FUSED_ANCHOR.applies(plan, *args):
-            # The task loss and the reference KL in one chunked pass.
-            task = AnchorTask(
-                self.loss,
-                self._loss_weights,
-                self.losses,
-                y,
-                y_pred_2,
-                chunked_for(self),
-                weight_consistency=not self.consistency_on_all_rows,
-            )
-            penalty, (task_loss, consistency) = self.reference.penalty(
-                plan, self.model, x, y_pred_1, sample_weight, batch_size, task
-            )
-            if consistency is not None:
-                consistency = scale_by_schedule(
-                    consistency, plan, self.alpha, self._current_alphas()
-                )
-        elif y_pred_2 is None:
-            task_loss = self._task_loss(x, y, y_pred_1, sample_weight)
-        else:
-            task_loss, consistency = self._two_pass_loss(
-                plan, x, y, y_pred_1, y_pred_2, sample_weight, self._current_alphas()
-            )
-        total = task_loss
-        if consistency is not None:
-            total = task_loss + consistency["weighted"]
-            # Under `tf.distribute` the loss values are scaled per replica;
-            # the logs show them unscaled, as Keras does for `loss`.
-            self.kl_loss_tracker.update_state(
-                unscale_for_distribution(consistency["unweighted"]),
-                sample_weight=batch_size,
-            )
-        self.task_loss_tracker.update_state(
-            unscale_for_distribution(task_loss), sample_weight=batch_size
-        )
-        if self.reference.active and penalty is None:
-            penalty, _ = self.reference.penalty(
-                plan,
-                self.model,
-                x,
-                y_pred_1,
-                self._consistency_weight(sample_weight),
-                batch_size,
-            )
-        if penalty is not None:
-            total = total + penalty
-        return total
-
-    def _task_loss(self, x, y, y_pred, sample_weight):
-        """Keras' own loss of one pass (compiled loss plus `model.losses`)."""
-        return super().compute_loss(
-            x, y, y_pred, copy_sample_weight(sample_weight), training=True
+        return StepInputs(
+            x=x,
+            y=y,
+            y_pred_1=y_pred_1,
+            y_pred_2=y_pred_2,
+            sample_weight=sample_weight,
+            consistency_weight=None if self.consistency_on_all_rows else sample_weight,
+            batch_size=ops.shape(keras.tree.flatten(x)[0])[0],
+            plan=self._plans.get(self, y_pred_1),
+            loss=self.loss,
+            loss_weights=self._loss_weights,
+            task_loss_of=self._task_loss_of(x, y, sample_weight),
+            additional_losses=additional_losses(self),
+            chunked=chunked_for(self),
         )
 
-    def _two_pass_loss(
-        self, plan, x, y, y_pred_1, y_pred_2, sample_weight, current_alphas=None
-    ):
-        """The mean task loss of both passes, and their consistency terms.
+    def _task_loss_of(self, x, y, sample_weight):
+        """`y_pred -> Keras' own loss of one pass` (compiled loss plus
+        `model.losses`)."""
 
-        The fused language-model path (`FusedLanguageModelLoss`) computes
-        both in one chunked pass where it applies; the general path runs
-        Keras' compiled loss on each pass and adds `pairwise_consistency`.
-        `current_alphas` holds each schedule's value at this step
-        (`_current_alphas`); scheduled outputs are weighted by it.
-        """
-        current_alphas = current_alphas or {}
-        fused = FUSED_LANGUAGE_MODEL
-        args = (self.loss, self._loss_weights)
-        if fused.applies(plan, *args, y, y_pred_1, y_pred_2, sample_weight):
-            task_loss, consistency = fused.compute(
-                plan,
-                *args,
-                self.losses,
-                y,
-                y_pred_1,
-                y_pred_2,
-                sample_weight,
-                weight_consistency=not self.consistency_on_all_rows,
+        def task_loss(y_pred):
+            return super(RDropModel, self).compute_loss(
+                x, y, y_pred, copy_sample_weight(sample_weight), training=True
             )
-            return task_loss, scale_by_schedule(
-                consistency, plan, self.alpha, current_alphas
-            )
-        task_loss = 0.5 * (
-            self._task_loss(x, y, y_pred_1, sample_weight)
-            + self._task_loss(x, y, y_pred_2, sample_weight)
-        )
-        weights = self._consistency_weight(sample_weight)
-        return task_loss, weigh_consistency(
-            plan,
-            self.alpha,
-            current_alphas,
-            lambda p: pairwise_consistency(p, y_pred_1, y_pred_2, weights),
-        )
 
-    def _consistency_weight(self, sample_weight):
-        """The `sample_weight` the consistency terms use."""
-        return None if self.consistency_on_all_rows else sample_weight
+        return task_loss
 
     # --------------------------------------------------------------- metrics
 

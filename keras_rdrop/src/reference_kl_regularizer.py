@@ -10,11 +10,8 @@ import keras
 from keras import ops
 
 from keras_rdrop.src.keras_internals import reset_train_function
-from keras_rdrop.src.reference_snapshot import (
-    DIRECTIONS,
-    ReferenceSettings,
-    ReferenceSnapshot,
-)
+from keras_rdrop.src.reference_penalty import DIRECTIONS, ReferenceSettings
+from keras_rdrop.src.reference_snapshot import ReferenceSnapshot
 
 
 def _positive_int_or_none(value, name):

@@ -1,4 +1,4 @@
-"""`ReferenceSnapshot`: the frozen copy θ0 of a model's weights, and its KL term.
+"""`ReferenceSnapshot`: the frozen copy θ0 of a model's weights.
 
 It is a sub-layer of `RDropModel`, so its variables are model state on every
 backend: saved and restored with the model (`.keras`, `BackupAndRestore`),
@@ -8,33 +8,11 @@ It holds no variables until `ReferenceKLRegularizer` takes the snapshot.
 
 from __future__ import annotations
 
-import dataclasses
-
 import keras
 import numpy as np
 from keras import ops
 
-from keras_rdrop.src.consistency_terms import (
-    copy_sample_weight,
-    num_replicas_in_sync,
-    per_output_weights,
-    position_weights,
-    unscale_for_distribution,
-)
-from keras_rdrop.src.fused_reference_kl import FUSED_ANCHOR
 from keras_rdrop.src.keras_internals import set_variable_layout, variable_layout
-
-DIRECTIONS = ("forward", "reverse", "symmetric")
-_KIND = {"forward": "kl", "reverse": "reverse_kl", "symmetric": "symmetric_kl"}
-
-
-@dataclasses.dataclass
-class ReferenceSettings:
-    """What the training step reads at trace time."""
-
-    direction: str = "forward"
-    target_kl: float | None = None
-    horizon: float = 10000.0
 
 
 def _is_float(variable) -> bool:
@@ -139,7 +117,7 @@ def changeable_positions(model: keras.Model) -> list[int]:
 
 
 class ReferenceSnapshot(keras.layers.Layer):
-    """Holds θ0 as non-trainable variables and computes the reference KL.
+    """Holds θ0 as non-trainable variables.
 
     Variables, in order: `beta` (the current weight of the penalty), then one
     copy per weight that training can change (`changeable_positions`); the
@@ -155,7 +133,8 @@ class ReferenceSnapshot(keras.layers.Layer):
     def __init__(self, **kwargs):
         super().__init__(trainable=False, **kwargs)
         self.ref_kl_tracker = keras.metrics.Mean(name="ref_kl")
-        self.settings: ReferenceSettings | None = None
+        # The anchor's `reference_penalty.ReferenceSettings` while it is on.
+        self.settings = None
         self._value_map = None
         self.positions: list[int] | None = None
         self.ref_weights = []
@@ -363,9 +342,10 @@ class ReferenceSnapshot(keras.layers.Layer):
             ref.assign(values[p])
         self._value_map = None
 
-    # ------------------------------------------------------------- training
+    # ------------------------------------------------------------- the step
 
-    def _reference_values(self, model):
+    def reference_values(self, model):
+        """θ0's values for `model.stateless_call`: `(trainable, non_trainable)`."""
         if self._value_map is None:
             self._value_map = {id(w): i for i, (w, _) in enumerate(self.copies(model))}
 
@@ -384,85 +364,3 @@ class ReferenceSnapshot(keras.layers.Layer):
             [value(v) for v in model.trainable_variables],
             [value(v) for v in model.non_trainable_variables],
         )
-
-    def penalty(self, plan, model, x, y_pred, sample_weight, batch_size, task=None):
-        """`beta * KL` between the live outputs and the reference's, on `x`.
-
-        Where `task` is given (`FusedAnchorLoss.applies` holds for the step),
-        the task loss is computed with the KL, in one chunked pass over the
-        logits (`fused_reference_kl`), and returned with it.
-
-        Args:
-            plan: The step's per-output plan (`output_plan.build_plan`): the
-                outputs with no consistency term get no KL.
-            model: The inner model whose weights the snapshot copies.
-            x: The batch's inputs.
-            y_pred: The live outputs of the first pass on `x`.
-            sample_weight: The step's `sample_weight`, or `None`.
-            batch_size: The batch's size, to weigh the logged `ref_kl`.
-            task: `None`, or the step's task loss (`AnchorTask`) for the fused
-                path.
-
-        Returns:
-            `(penalty, fused)`: `beta * KL`, and `None` without `task`, else
-            `(task_loss, consistency)` as `FusedAnchorLoss.compute` gives them
-            (`consistency` is `None` without R-Drop's second pass).
-        """
-        flat_live, flat_ref = self._reference_outputs(plan, model, x, y_pred)
-        kind = _KIND[self.settings.direction]
-        fused = None
-        if task is not None:
-            task_loss, consistency, total = FUSED_ANCHOR.compute(
-                plan, task, flat_live[0], flat_ref[0], sample_weight, kind
-            )
-            fused = (task_loss, consistency)
-        else:
-            total = ops.zeros((), "float32")
-            weights = per_output_weights(
-                copy_sample_weight(sample_weight), len(flat_live)
-            )
-            for entry, live, ref, w in zip(plan, flat_live, flat_ref, weights):
-                if entry.term is None:
-                    continue
-                # The reference is constant: no gradient is computed for it.
-                loss = entry.term.pairwise(kind, constant_b=True)
-                total = total + loss(live, ref, sample_weight=position_weights(w, live))
-        return self._weighted_penalty(total, batch_size), fused
-
-    def _reference_outputs(self, plan, model, x, y_pred):
-        """The flat live outputs and the reference's (gradient stopped) on `x`."""
-        trainable, non_trainable = self._reference_values(model)
-        ref_pred, _ = model.stateless_call(trainable, non_trainable, x, training=False)
-        flat_live = keras.tree.flatten(y_pred)
-        flat_ref = [ops.stop_gradient(t) for t in keras.tree.flatten(ref_pred)]
-        if len(flat_live) != len(flat_ref):
-            raise ValueError(
-                f"The reference gives {len(flat_ref)} outputs but the model gives "
-                f"{len(flat_live)}."
-            )
-        for entry, live, ref in zip(plan, flat_live, flat_ref):
-            if tuple(live.shape[1:]) != tuple(ref.shape[1:]):
-                raise ValueError(
-                    f"The reference's output {entry.name!r} has shape "
-                    f"{tuple(ref.shape)} but the model's has shape "
-                    f"{tuple(live.shape)}."
-                )
-        return flat_live, flat_ref
-
-    def _weighted_penalty(self, total, batch_size):
-        """`beta * total`; logs `ref_kl` and steps the adaptive `beta`."""
-        # `total` is scaled per replica under `tf.distribute`, like the loss.
-        kl = unscale_for_distribution(ops.stop_gradient(total))
-        self.ref_kl_tracker.update_state(kl, sample_weight=batch_size)
-        beta = self.beta.value
-        settings = self.settings
-        if settings.target_kl is not None:
-            # Ziegler et al. (2019): proportional control of beta toward a
-            # target KL, clipped to +-20% error, over a horizon in examples.
-            # Under `tf.distribute` each replica steps by the global batch and
-            # the replicas' new values are averaged (`beta` aggregates "mean").
-            error = ops.clip(kl / settings.target_kl - 1.0, -0.2, 0.2)
-            global_batch = ops.cast(batch_size, "float32") * num_replicas_in_sync()
-            step = global_batch / settings.horizon
-            self.beta.assign(beta * (1.0 + error * step))
-        return beta * total
