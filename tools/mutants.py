@@ -99,9 +99,9 @@ MUTANTS = [
     Mutant(
         "alpha-ignored",
         "alpha is not applied to the consistency term",
-        S + "consistency_terms.py",
-        "weighted = weighted + entry.alpha * value",
-        "weighted = weighted + value",
+        S + "alpha_schedule.py",
+        "        term = entry.alpha * value\n",
+        "        term = value\n",
         # A classifier with a sparse cross-entropy takes the fused path; these
         # files train the general path too (fused against general).
         ("tests/test_fused_cross_entropy.py", "tests/test_alpha_conversions.py"),
@@ -117,9 +117,9 @@ MUTANTS = [
     Mutant(
         "task-loss-one-pass",
         "the task loss is the first pass's only, not the mean of both",
-        S + "rdrop_model.py",
-        "            + self._task_loss(x, y, y_pred_2, sample_weight)\n",
-        "            + self._task_loss(x, y, y_pred_1, sample_weight)\n",
+        S + "step_paths.py",
+        "step.task_loss_of(step.y_pred_1) + step.task_loss_of(step.y_pred_2)",
+        "step.task_loss_of(step.y_pred_1) + step.task_loss_of(step.y_pred_1)",
         ("tests/test_fused_cross_entropy.py", "tests/test_alpha_conversions.py"),
     ),
     Mutant(
@@ -134,16 +134,16 @@ MUTANTS = [
         "all-rows-ignored",
         "`consistency_on_all_rows=True` still weighs the KL by `sample_weight`",
         S + "rdrop_model.py",
-        "return None if self.consistency_on_all_rows else sample_weight",
-        "return sample_weight",
+        "consistency_weight=None if self.consistency_on_all_rows else sample_weight,",
+        "consistency_weight=sample_weight,",
         ("tests/test_unlabeled_rows.py",),
     ),
     Mutant(
         "fused-lm-not-taken",
         "the fused language-model path is silently never taken",
         S + "fused_cross_entropy.py",
-        "        (entry,) = plan\n        return entry.alpha != 0\n",
-        "        (entry,) = plan\n        return False\n",
+        "        (entry,) = step.plan\n        return entry.alpha != 0\n",
+        "        (entry,) = step.plan\n        return False\n",
         ("tests/test_fused_cross_entropy.py",),
     ),
     Mutant(
@@ -181,17 +181,17 @@ MUTANTS = [
     Mutant(
         "beta-ignored",
         "the anchor's penalty is not multiplied by beta",
-        S + "reference_snapshot.py",
-        "        return beta * total\n",
-        "        return total\n",
+        S + "reference_penalty.py",
+        "    return beta * total\n",
+        "    return total\n",
         ("tests/test_reference_kl_regularizer.py",),
     ),
     Mutant(
         "adaptive-beta-wrong-sign",
         "the adaptive beta moves away from the target KL",
-        S + "reference_snapshot.py",
-        "self.beta.assign(beta * (1.0 + error * step))",
-        "self.beta.assign(beta * (1.0 - error * step))",
+        S + "reference_penalty.py",
+        "snapshot.beta.assign(beta * (1.0 + error * step))",
+        "snapshot.beta.assign(beta * (1.0 - error * step))",
         ("tests/test_reference_kl_regularizer.py",),
     ),
     Mutant(
