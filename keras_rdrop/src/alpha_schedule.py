@@ -26,10 +26,14 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import keras
 from keras import ops
+
+# A schedule of the training step (see the module docstring).
+Schedule = keras.optimizers.schedules.LearningRateSchedule | Callable[[Any], Any]
 
 
 def is_schedule(value: Any) -> bool:

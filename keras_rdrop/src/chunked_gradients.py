@@ -236,9 +236,11 @@ def set_chunk_elements(elements: int) -> None:
     The categorical KL of logits, and the fused cross-entropy + KL of
     RDropModel's language-model path, run over chunks of about this many
     elements with a closed-form gradient: smaller chunks lower the peak
-    memory of a step, larger ones give fewer, bigger operations. Set it
-    before `fit`: a traced training step keeps the chunking it was traced
-    with.
+    memory of a step, larger ones give fewer, bigger operations. The number
+    of chunks of one tensor is capped at 64 (`MAX_CHUNKS`, to bound the
+    size of a compiled graph), so a chunk of a very large tensor holds more
+    than `elements`. Set it before `fit`: a traced training step keeps the
+    chunking it was traced with.
 
     Args:
         elements: Elements per chunk, a positive int. Defaults (at import)

@@ -10,6 +10,7 @@ from keras import ops
 
 from keras_rdrop.src.alpha_schedule import (
     CurrentValue,
+    Schedule,
     advance,
     deserialize_alpha,
     is_scheduled,
@@ -80,7 +81,9 @@ class RDropModel(TaskPreprocessingModel):
 
     The training logs show `loss` (the total), `task_loss` (the task loss
     averaged over the two passes), `kl_loss` (the unweighted consistency term,
-    summed over outputs) and the compiled metrics, computed on the first pass.
+    summed over outputs), `ref_kl` (the KL to the reference, with
+    `ReferenceKLRegularizer`) and the compiled metrics, computed on the first
+    pass.
     A scheduled `alpha` adds its value at the step to the logs: `alpha`, or
     `alpha_<output>` for each scheduled entry of an `alpha` dict (a float
     `alpha` is not logged).
@@ -189,7 +192,7 @@ class RDropModel(TaskPreprocessingModel):
     def __init__(
         self,
         model: keras.Model,
-        alpha: float | dict = 1.0,
+        alpha: float | Schedule | dict = 1.0,
         mode: str = "concat",
         from_logits: bool | dict | None = None,
         regression_consistency: bool = False,

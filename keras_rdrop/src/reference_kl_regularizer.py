@@ -65,6 +65,10 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
       from the reference.
     - `"symmetric"`: the mean of both.
 
+    In TRL's and distillation's naming, `"forward"` here (`KL(policy ||
+    reference)`, the RLHF penalty) is what they call the *reverse* KL, and
+    `"reverse"` here is their *forward* KL.
+
     Cost: one copy of the weights that training changes (half with
     `reference_dtype="bfloat16"`), so a LoRA or frozen-backbone model holds a
     copy of its small trainable part only, and one inference forward pass per
@@ -79,8 +83,11 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
     Args:
         beta: Weight of the penalty: a non-negative float, a callable of the
             global step returning one, or a `keras.optimizers.schedules.
-            LearningRateSchedule`-style object. With `target_kl` it is the
-            initial value. Defaults to `0.1`.
+            LearningRateSchedule`-style object. A callable is evaluated on
+            the host before each batch (it may use Python `if`), and its
+            value is fed to the step through a variable, so the step is not
+            retraced. With `target_kl` it is the initial value. Defaults to
+            `0.1`.
         direction: `"forward"`, `"reverse"` or `"symmetric"`, see above.
             Defaults to `"forward"`.
         refresh_every_epochs: Re-take the snapshot from the current weights
