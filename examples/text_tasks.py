@@ -850,7 +850,9 @@ def _pts(values, signed=True) -> str:
 
 
 def _p(value: float | None) -> str:
-    return "–" if value is None or not math.isfinite(value) else f"{value:.2f}"
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{value:.3f}" if value < 0.01 else f"{value:.2f}"
 
 
 def _alpha_counts(chosen: list[float]) -> str:
@@ -858,6 +860,31 @@ def _alpha_counts(chosen: list[float]) -> str:
     for a in chosen:
         counts[a] = counts.get(a, 0) + 1
     return ", ".join(f"{a:g}×{n}" for a, n in sorted(counts.items()))
+
+
+def fixed_reading(summary: dict, infos: dict, tasks: list[str], alphas) -> str:
+    """Which fixed-alpha cells reach p < 0.05, against the count expected by
+    chance over that many tests."""
+    cells = [(t, a) for t in tasks for a in alphas[1:]]
+    hits = []
+    for t, a in cells:
+        tests = summary[t]["fixed"][a]["tests"]
+        p = tests["t_p"]
+        if p is not None and math.isfinite(p) and p < 0.05:
+            diff = (
+                100
+                * sum(summary[t]["fixed"][a]["diff_accuracy"])
+                / len(summary[t]["fixed"][a]["diff_accuracy"])
+            )
+            hits.append(
+                f"{infos[t]['title']} at alpha {a:g} ({diff:+.2f} pts, p {p:.3f})"
+            )
+    return (
+        f"Cells with paired t p < 0.05: {'; '.join(hits) if hits else 'none'}, of "
+        f"{len(cells)} cells; about {0.05 * len(cells):.1f} would reach it by "
+        "chance alone, and a fixed alpha picked after seeing the test split is "
+        "not a validation choice."
+    )
 
 
 def markdown(
@@ -1020,6 +1047,7 @@ def markdown(
         harness_reports.markdown_table(
             ["task"] + [f"alpha = {a:g} (wins, p)" for a in alphas[1:]], sens_rows
         ),
+        fixed_reading(summary, infos, tasks, alphas),
         "## Data, convergence and cost",
         "Best epoch: mean (max) over seeds, of the cap of "
         f"{args.epochs}; 'best in last 10%': runs (all arms) whose best "

@@ -138,7 +138,7 @@ def test_text_tasks_tiny(script, tiny_bert_preset, tmp_path, capsys):  # noqa: F
     table = [line for line in text.splitlines() if line.startswith("| ")]
     for title, rows in (("| TREC-6", 3), ("| **All 1 tasks**", 1)):
         assert sum(line.startswith(title) for line in table) == rows, title
-    assert "frozen-encoder recipe" in text
+    assert "frozen-encoder recipe" in text and "of 2 cells" in text
     assert text.rstrip().splitlines()[-1].startswith("Runs at commit ")
     stored = json.loads(runs_json.read_text())
     assert len(stored["runs"]) == 2 * 3
