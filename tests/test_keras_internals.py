@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_rdrop import RDropModel
 from keras_rdrop.src import keras_internals
 from keras_rdrop.src.fused_cross_entropy import fusable_loss
 from keras_rdrop.src.output_plan import describe_loss, loss_setting
@@ -71,26 +70,6 @@ def test_loss_function_kwargs_of_a_keras_loss():
     kwargs = keras_internals.loss_function_kwargs(loss)
     assert kwargs.get("axis") == 1 and kwargs.get("from_logits") is True
     assert keras_internals.loss_function_kwargs(object()) == {}
-
-
-def test_reset_train_function_makes_fit_trace_again():
-    model = RDropModel(
-        keras.Sequential(
-            [keras.Input((3,)), keras.layers.Dropout(0.2), keras.layers.Dense(2)]
-        )
-    )
-    model.compile(
-        optimizer="sgd",
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-    x, y = np.ones((4, 3), "float32"), np.array([0, 1, 0, 1])
-    model.fit(x, y, epochs=1, verbose=0)
-    first = model.train_function
-    assert first is not None
-    keras_internals.reset_train_function(model)
-    assert model.train_function is None
-    model.fit(x, y, epochs=1, verbose=0)
-    assert model.train_function is not None and model.train_function is not first
 
 
 def test_additional_losses_are_what_compute_loss_adds():

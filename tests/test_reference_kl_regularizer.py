@@ -374,3 +374,37 @@ def test_get_config_round_trip():
     )
     clone = ReferenceKLRegularizer.from_config(callback.get_config())
     assert clone.get_config() == callback.get_config()
+
+
+def test_repeated_fits_reuse_the_step_and_a_changed_anchor_rebuilds_it():
+    # The training step is traced with the anchor's settings: `fit` after
+    # `fit` with the same anchor reuses it (no retrace and recompile per
+    # call), and a `fit` whose anchor differs, or that has none, rebuilds it,
+    # and its logs follow the new settings. No dropout and a zero learning
+    # rate: the logged KL is the KL of the predictions, by hand.
+    keras.utils.set_random_seed(0)
+    inner = classifier(dropout=0.0)
+    model = RDropModel(inner, alpha=0.0)
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss=sparse_ce())
+    x, y = task(seed=1, n=32)
+
+    def fit(*callbacks):
+        history = model.fit(x, y, batch_size=32, verbose=0, callbacks=list(callbacks))
+        return model.train_function, history.history
+
+    first, logs = fit(ReferenceKLRegularizer(beta=0.5))
+    reference = to_numpy(inner.predict(x, verbose=0))
+    # Move the live weights away from θ0 (the snapshot stays θ0).
+    inner.set_weights([w * 1.3 for w in inner.get_weights()])
+    live = to_numpy(inner.predict(x, verbose=0))
+    again, logs = fit(ReferenceKLRegularizer(beta=0.5))
+    assert again is first
+    assert_allclose(logs["ref_kl"][0], np.mean(np_kl(live, reference)), rtol=1e-4)
+    # beta is a variable the step reads, not a traced constant.
+    assert fit(ReferenceKLRegularizer(beta=2.0))[0] is first
+    plain, logs = fit()
+    assert plain is not first and "ref_kl" not in logs
+    assert fit()[0] is plain
+    reverse, logs = fit(ReferenceKLRegularizer(beta=0.5, direction="reverse"))
+    assert reverse is not plain
+    assert_allclose(logs["ref_kl"][0], np.mean(np_kl(reference, live)), rtol=1e-4)

@@ -238,6 +238,16 @@ MUTANTS = [
         ("tests/test_rdrop_model.py", "tests/test_alpha_schedule.py"),
     ),
     Mutant(
+        "anchor-change-not-retraced",
+        "a `fit` whose anchor settings changed reuses the step traced before",
+        S + "rdrop_model.py",
+        "            force = True\n            # JAX keeps",
+        "            force = force\n            # JAX keeps",
+        ("tests/test_reference_kl_regularizer.py",),
+        # torch runs the step eagerly: only a traced step can be stale.
+        backend="jax",
+    ),
+    Mutant(
         "ddp-shard-mixed-up",
         "every torch rank trains on rank 0's shard (test harness sharding)",
         "tests/distributed/torch_ddp.py",

@@ -19,8 +19,6 @@ test instead of silently changing behaviour.
   Keras loss passes to its function; read only for a setting that the
   loss's `get_config()` leaves out (Keras 3.15's
   `SparseCategoricalCrossentropy` omits `axis`).
-- `reset_train_function`: `Model.train_function = None`. Makes Keras trace the
-  training step again after the anchor's settings change.
 - `additional_losses`: `Trainer._aggregate_additional_loss`. The fused paths
   add `model.losses` to their task loss exactly as Keras' `compute_loss` does.
 - `unscale_for_distribution`: `keras.src.losses.loss.
@@ -82,11 +80,6 @@ def loss_function_kwargs(loss) -> dict:
     """The keyword arguments a `LossFunctionWrapper` passes to its function."""
     kwargs = getattr(loss, "_fn_kwargs", None)
     return dict(kwargs) if isinstance(kwargs, dict) else {}
-
-
-def reset_train_function(model: keras.Model) -> None:
-    """Makes the next `fit` trace its training step afresh."""
-    model.train_function = None
 
 
 def additional_losses(model: keras.Model) -> list:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
 from typing import Any
 
@@ -246,6 +248,8 @@ class RDropModel(TaskPreprocessingModel):
         self._plans = PlanCache()
         self._check_labels = LabelCheck()
         self._loss_weights = None
+        # The anchor's state the training step was last traced with.
+        self._traced_anchor = None
         # Keras calls `compute_metrics` without a `training` argument, after
         # `compute_loss`: the one flag, set there, that says which step it is.
         self._in_training_step = False
@@ -287,6 +291,33 @@ class RDropModel(TaskPreprocessingModel):
         self._plans.clear()
         super().compile(optimizer, loss, loss_weights, *args, **kwargs)
 
+    def make_train_function(self, force=False):
+        """Builds the training step; see `keras.Model.make_train_function`.
+
+        The step is traced with the anchor's settings, which
+        `ReferenceKLRegularizer` sets when `fit` starts and clears when it
+        ends: the step is rebuilt when they differ from those it was traced
+        with, and reused by every `fit` (or `train_on_batch`) that has the
+        same ones.
+        """
+        if self.train_function is not None and (
+            self._traced_anchor != self._anchor_state()
+        ):
+            force = True
+            # JAX keeps traced steps by their function, and a bound method
+            # equals the previous one: a new function object makes the step
+            # trace again instead of reusing the trace of the old settings.
+            self.train_step = functools.partial(type(self).train_step, self)
+        return super().make_train_function(force=force)
+
+    def _anchor_state(self) -> tuple:
+        """What of the anchor a traced training step depends on."""
+        settings = self.reference.settings
+        return (
+            None if settings is None else dataclasses.astuple(settings),
+            len(self.reference.ref_weights),
+        )
+
     def compile_from_config(self, config):
         """Compiles the model as `config` says (a loaded `.keras` file)."""
         # Keras skips this for a model whose `compile` is overridden, as
@@ -321,6 +352,7 @@ class RDropModel(TaskPreprocessingModel):
         self._check_step(y, y_pred, training)
         if not training:
             return super().compute_loss(x, y, y_pred, sample_weight, training=False)
+        self._traced_anchor = self._anchor_state()
         step = self._step_inputs(x, y, y_pred, sample_weight)
         anchored = self.reference.active
         path = select_path(step, anchored)

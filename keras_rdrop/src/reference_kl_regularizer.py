@@ -9,7 +9,6 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_rdrop.src.keras_internals import reset_train_function
 from keras_rdrop.src.reference_penalty import DIRECTIONS, ReferenceSettings
 from keras_rdrop.src.reference_snapshot import ReferenceSnapshot
 
@@ -255,8 +254,8 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
         # `BackupAndRestore` restores a resumed run's beta after this.
         step = _iterations(model)
         reference.beta.assign(self._beta_at(step))
-        # The step function reads the settings when it is traced: rebuild it.
-        reset_train_function(model)
+        # The training step reads the settings when it is traced:
+        # `RDropModel.make_train_function` rebuilds it if they changed.
 
     def on_train_begin(self, logs=None):
         self._step = _iterations(self.model)
@@ -280,9 +279,8 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
             )
 
     def on_train_end(self, logs=None):
-        model = self.model
-        model.reference.settings = None
-        reset_train_function(model)
+        # A later `fit` without the anchor rebuilds the step without it.
+        self.model.reference.settings = None
 
     # ------------------------------------------------------------- stepping
 
