@@ -133,6 +133,29 @@ def _full_collection():
     gc.collect()
 
 
+@pytest.fixture(scope="session")
+def tiny_bert_preset(tmp_path_factory):
+    """A tiny BERT (1 layer, hidden 8) with its tokenizer, as a keras-hub preset
+    (built once per run: the example smoke tests load it)."""
+    from tests.testing import import_keras_hub
+
+    keras_hub = import_keras_hub()
+    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "?", "what", "who"]
+    vocabulary += [f"w{i}" for i in range(12)] + ["good", "bad", "film", "day"]
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    keras_hub.models.BertTokenizer(vocabulary=vocabulary).save_to_preset(folder)
+    keras_hub.models.BertBackbone(
+        vocabulary_size=len(vocabulary),
+        num_layers=1,
+        num_heads=2,
+        hidden_dim=8,
+        intermediate_dim=16,
+        max_sequence_length=16,
+        dropout=0.1,
+    ).save_to_preset(folder)
+    return str(folder)
+
+
 def pytest_report_header(config):
     return f"keras {keras.__version__}, backend {keras.backend.backend()}, " + (
         f"KERAS_BACKEND={os.environ.get('KERAS_BACKEND')}"

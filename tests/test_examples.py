@@ -298,26 +298,6 @@ def test_paired_sweep_pairs_and_checkpoints(examples, tmp_path):
 CLASSES = {"ABBR": "w0 w1", "DESC": "w2 w3", "HUM": "w4 w5"}
 
 
-@pytest.fixture(scope="module")
-def tiny_bert_preset(tmp_path_factory):
-    """A tiny BERT (1 layer, hidden 8) with its tokenizer, as a keras-hub preset."""
-    keras_hub = import_keras_hub()
-    vocabulary = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "?", "what", "who"]
-    vocabulary += [f"w{i}" for i in range(12)] + ["good", "bad", "film", "day"]
-    folder = tmp_path_factory.mktemp("tiny_bert")
-    keras_hub.models.BertTokenizer(vocabulary=vocabulary).save_to_preset(folder)
-    keras_hub.models.BertBackbone(
-        vocabulary_size=len(vocabulary),
-        num_layers=1,
-        num_heads=2,
-        hidden_dim=8,
-        intermediate_dim=16,
-        max_sequence_length=16,
-        dropout=0.1,
-    ).save_to_preset(folder)
-    return str(folder)
-
-
 def write_questions(path, per_class=20, seed=0):
     """TREC-format lines, 'LABEL:sub text', with class-dependent words."""
     rng = np.random.default_rng(seed)

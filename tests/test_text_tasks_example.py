@@ -15,12 +15,7 @@ import keras
 import numpy as np
 import pytest
 
-from tests.test_examples import (  # noqa: F401 (a fixture)
-    EXAMPLES,
-    tiny_bert_preset,
-    write_questions,
-    write_scored,
-)
+from tests.test_examples import EXAMPLES, write_questions, write_scored
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +86,7 @@ def test_loaders(script, tmp_path):
     assert not set(parts["a"]) & set(parts["b"])
 
 
-def test_text_tasks_tiny(script, tiny_bert_preset, tmp_path, capsys):  # noqa: F811
+def test_text_tasks_tiny(script, tiny_bert_preset, tmp_path, capsys):
     """The whole run on one task (the loaders of the others are tested above):
     the table, the choice of alpha on validation, the steps, the resume."""
     write_questions(tmp_path / "q.txt")
