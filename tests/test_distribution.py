@@ -238,17 +238,3 @@ def test_tf_snapshot_is_mirrored_like_the_model(tf_results):
         assert mirrored["reference_classes"] == ["MirroredVariable"]
         # Every weight is copied, except the frozen body of the partial run.
         assert mirrored["copied_count"] == (2 if run == "partial" else 4)
-
-
-# ------------------------------------------------------------------- PyTorch
-
-
-@pytest.mark.torch
-@pytest.mark.skip(
-    reason="Keras 3.15's torch backend has no `keras.distribution` support and "
-    "its `fit` runs on one device, so there is no multi-device path to test: "
-    "RDropModel and ReferenceKLRegularizer run on one GPU with torch; for "
-    "several devices use the JAX or TensorFlow backend (README, Multi-device)."
-)
-def test_torch_multi_device_training():
-    """Placeholder for multi-device training with the torch backend."""
