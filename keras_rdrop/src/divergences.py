@@ -162,7 +162,9 @@ def divergence(p, q, from_logits, axis, distribution, symmetric, constant=None):
     return ops.sum(total, axis=axis)
 
 
-def kl_divergence(p, q, from_logits: bool = True, axis: int = -1, distribution="auto"):
+def kl_divergence(
+    p, q, from_logits: bool = True, axis: int = -1, distribution: str = "auto"
+):
     """KL divergence `KL(p || q)` per position.
 
     Formula:
@@ -210,7 +212,7 @@ def kl_divergence(p, q, from_logits: bool = True, axis: int = -1, distribution="
 
 
 def symmetric_kl_divergence(
-    p, q, from_logits: bool = True, axis: int = -1, distribution="auto"
+    p, q, from_logits: bool = True, axis: int = -1, distribution: str = "auto"
 ):
     """Symmetric KL divergence `(KL(p || q) + KL(q || p)) / 2` per position.
 

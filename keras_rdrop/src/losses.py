@@ -83,7 +83,7 @@ class SymmetricKLDivergence(keras.losses.Loss):
         distribution: str = "auto",
         reduction: str | None = "sum_over_batch_size",
         name: str = "symmetric_kl_divergence",
-        dtype=None,
+        dtype: str | None = None,
     ):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.from_logits = validate_from_logits(from_logits)
