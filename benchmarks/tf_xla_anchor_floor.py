@@ -14,10 +14,10 @@ variants, timed side by side in interleaved rounds on one thread:
 - `reference_lse`: `reference_only` plus one log-sum-exp over the reference's
   logits, which any exact KL to the reference needs;
 - `anchor_log_softmax`: a TensorFlow transcription of the anchor's pass
-  before `whole_reference_kl` (`cross_entropy_and_reference_kl` at e5bbc9b:
+  before `logsumexp_reference_kl` (`cross_entropy_and_reference_kl` at e5bbc9b:
   log-softmaxes, the two gradient terms kept for the backward pass);
 - `anchor`: the anchor's pass as RDropModel runs it on TensorFlow + XLA
-  (`keras_rdrop.src.whole_reference_kl`).
+  (`keras_rdrop.src.logsumexp_reference_kl`).
 
 It prints CPU ms per step and each variant's ratio to `plain` (medians over
 rounds). TensorFlow only: the question it answers is specific to XLA:CPU,
@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def log_softmax_anchor(x, r, labels):
-    """The log-softmax formulation (before `whole_reference_kl`), one pass."""
+    """The log-softmax formulation (before `logsumexp_reference_kl`), one pass."""
     import tensorflow as tf
 
     num_classes = x.shape[-1]
@@ -70,9 +70,7 @@ def build_steps(width: int, vocabulary: int, positions: tuple):
     import numpy as np
     import tensorflow as tf
 
-    from keras_rdrop.src.whole_reference_kl import (
-        cross_entropy_and_reference_kl_whole,
-    )
+    from keras_rdrop.src.logsumexp_reference_kl import reference_kl_from_logsumexp
 
     rng = np.random.default_rng(0)
     h = tf.constant(rng.normal(size=positions + (width,)).astype("float32"))
@@ -101,9 +99,7 @@ def build_steps(width: int, vocabulary: int, positions: tuple):
             cross_entropy(y, x) + 0.0 * tf.reduce_mean(tf.reduce_logsumexp(r, -1))
         ),
         "anchor_log_softmax": anchored(log_softmax_anchor),
-        "anchor": anchored(
-            lambda x, r, y: cross_entropy_and_reference_kl_whole(x, r, y, "kl")
-        ),
+        "anchor": anchored(lambda x, r, y: reference_kl_from_logsumexp(x, r, y, "kl")),
     }
 
     def step(loss_fn, with_reference):

@@ -6,10 +6,8 @@ import pytest
 
 from keras_rdrop import RDropModel
 from keras_rdrop.src import chunked_gradients
-from keras_rdrop.src.fused_cross_entropy import (
-    cross_entropy_and_symmetric_kl,
-    fusable_loss,
-)
+from keras_rdrop.src.fused_cross_entropy import cross_entropy_and_symmetric_kl
+from keras_rdrop.src.fused_step import fusable_loss
 from keras_rdrop.src.step_paths import record_paths, use_paths
 from tests.testing import (
     assert_allclose,

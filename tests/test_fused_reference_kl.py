@@ -53,7 +53,7 @@ def np_fused(live, ref, labels, kind):
 )
 def test_values_match_numpy(passes, kind, chunk_elements, monkeypatch):
     # `chunk_elements=None`: `chunked=False`, the whole-tensor pass of
-    # TensorFlow + XLA (with one live pass, `whole_reference_kl`'s formula).
+    # TensorFlow + XLA (with one live pass, `logsumexp_reference_kl`'s formula).
     monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements or 2**21)
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((passes + 1, 3, 5, 7)) * 4).astype("float32")

@@ -12,7 +12,7 @@ import pytest
 from keras import ops
 
 from keras_rdrop.src import keras_internals
-from keras_rdrop.src.fused_cross_entropy import fusable_loss
+from keras_rdrop.src.fused_step import fusable_loss
 from keras_rdrop.src.output_plan import describe_loss, loss_setting
 from tests.testing import assert_allclose, to_numpy
 

@@ -59,7 +59,7 @@ MUTANTS = [
     Mutant(
         "kl-sign",
         "the symmetric KL of log-probabilities has its sign flipped",
-        S + "chunked_gradients.py",
+        S + "closed_forms.py",
         "return 0.5 * ops.sum(diff * (log_p - log_q), axis=axis)",
         "return 0.5 * ops.sum(diff * (log_q - log_p), axis=axis)",
         ("tests/test_divergences.py",),
@@ -67,7 +67,7 @@ MUTANTS = [
     Mutant(
         "kl-grad",
         "the closed-form gradient of KL(p‖q) in q is q + p instead of q - p",
-        S + "chunked_gradients.py",
+        S + "closed_forms.py",
         "            term_b = q - p\n",
         "            term_b = q + p\n",
         ("tests/test_divergences.py",),
@@ -149,7 +149,7 @@ MUTANTS = [
     Mutant(
         "fused-ignore-class-dropped",
         "the fused path forgets the loss's `ignore_class`",
-        S + "fused_cross_entropy.py",
+        S + "fused_step.py",
         '    ignore_class = loss_setting(loss, "ignore_class")\n',
         "    ignore_class = None\n",
         ("tests/test_fused_cross_entropy.py",),
@@ -173,7 +173,7 @@ MUTANTS = [
     Mutant(
         "reference-gradient-not-stopped",
         "the KL's backward pass computes a gradient for the constant reference",
-        S + "chunked_gradients.py",
+        S + "closed_forms.py",
         '    if constant != "b":\n        if symmetric:',
         "    if True:\n        if symmetric:",
         ("tests/test_divergences.py",),

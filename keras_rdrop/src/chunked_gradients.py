@@ -9,8 +9,10 @@ of the product) from the forward to the backward pass, and eager backends
 create as many again as temporaries; a chunk's temporaries are a chunk's
 size. See benchmarks/README.md, "Large outputs".
 
-`chunked_pair_op` is the engine; `kl_of_logits` and
-`fused_cross_entropy.cross_entropy_and_symmetric_kl` are built on it.
+`chunked_op` is the engine, for any number of live inputs plus constants;
+`kl_of_logits`, `fused_cross_entropy.cross_entropy_and_symmetric_kl` and
+`fused_reference_kl.cross_entropy_and_reference_kl` are built on it, with the
+closed forms of `closed_forms`.
 The chunk size is set with `keras_rdrop.set_chunk_elements`.
 """
 
@@ -18,7 +20,10 @@ from __future__ import annotations
 
 import math
 
+import keras
 from keras import ops
+
+from keras_rdrop.src.closed_forms import kl_grad_terms, kl_value, log_softmax32
 
 CHUNK_ELEMENTS = 2**21  # elements of one chunk (8 MiB in float32)
 MAX_CHUNKS = 64  # bounds the size of a compiled graph; chunks grow instead
@@ -59,153 +64,130 @@ def upstream_of(args, upstream):
     return upstream
 
 
-def _slices(x, axis: int, bounds):
-    """The pieces of `x` along `axis`, one per `(start, stop)` of `bounds`."""
+def cut(x, axis: int, split):
+    """`x` cut along `axis` as `split` (from `chunks`) says: a list of pieces."""
+    if split is None:
+        return [x]
     # Basic slicing, which every backend's native tensor supports.
     lead = (slice(None),) * axis
-    return [x[lead + (slice(start, stop),)] for start, stop in bounds]
+    return [x[lead + (slice(start, stop),)] for start, stop in split[1]]
 
 
-def _kl_of_logits_chunk(a, b, axis: int, symmetric: bool):
-    a, b = ops.cast(a, "float32"), ops.cast(b, "float32")
-    log_p = ops.log_softmax(a, axis=axis)
-    log_q = ops.log_softmax(b, axis=axis)
-    return kl_of_log_probs(log_p, log_q, axis, symmetric)
+def _join(pieces, axis: int):
+    """The pieces of `cut`, concatenated back (one piece is returned as is)."""
+    return pieces[0] if len(pieces) == 1 else ops.concatenate(pieces, axis=axis)
 
 
-def kl_of_log_probs(log_p, log_q, axis: int, symmetric: bool):
-    """(Symmetric) KL from finite log-probabilities, summed over `axis`."""
-    if symmetric:
-        diff = ops.exp(log_p) - ops.exp(log_q)
-        return 0.5 * ops.sum(diff * (log_p - log_q), axis=axis)
-    return ops.sum(ops.exp(log_p) * (log_p - log_q), axis=axis)
+def _pieces_of(tensors, rank: int, split, class_axis: int):
+    """Per chunk, the tuple of the pieces of `tensors`.
+
+    A tensor of rank `rank` (that of the live inputs) is cut along the chunk
+    axis; one without their class axis (labels) along the matching axis.
+    """
+    if not tensors:
+        return [()] * (1 if split is None else len(split[1]))
+    axis = 0 if split is None else split[0]
+    cuts = []
+    for t in tensors:
+        t_axis = axis if len(t.shape) == rank else axis - (axis > class_axis)
+        cuts.append(cut(t, t_axis, split))
+    return list(zip(*cuts))
 
 
-def kl_of_logits_grad_terms(
-    log_p, log_q, p, q, axis: int, symmetric: bool, constant=None
+def chunked_op(
+    live,
+    forward_chunk,
+    backward_chunk,
+    *,
+    axis: int,
+    out_axis,
+    constants=(),
+    chunked: bool = True,
+    backward_reads_live: bool = True,
 ):
-    """Closed-form gradients of the KL with respect to the logits, per unit.
+    """Runs a function of logit tensors chunk by chunk, with its gradient.
 
-    Takes the log-probabilities of the two logits `a` and `b` and their
-    exponentials `p` and `q` (`q` may be `None` for KL(p||q) with `b`
-    constant, which does not need it), and returns `(dKL/da, dKL/db)` for an
-    upstream gradient of 1 (`None` for the input named by `constant`, which
-    is not computed):
-
-    ```
-    d = log p - log q
-    dKL(p||q)/da = p * (d - sum(p * d))        dKL(p||q)/db = q - p
-    dSKL/da = 0.5 * (p * (d - sum(p * d)) + p - q)
-    dSKL/db = 0.5 * (q * (sum(q * d) - d) + q - p)
-    ```
-    """
-    d = log_p - log_q
-    term_a = term_b = None
-    if constant != "a":
-        p_d = ops.sum(p * d, axis=axis, keepdims=True)
-        term_a = p * (d - p_d) + p - q if symmetric else p * (d - p_d)
-    if constant != "b":
-        if symmetric:
-            q_d = ops.sum(q * d, axis=axis, keepdims=True)
-            term_b = q * (q_d - d) + q - p
-        else:
-            term_b = q - p
-    if symmetric:
-        term_a = None if term_a is None else 0.5 * term_a
-        term_b = None if term_b is None else 0.5 * term_b
-    return term_a, term_b
-
-
-def _kl_of_logits_chunk_grads(a, b, upstream, axis: int, symmetric: bool, constant):
-    """Closed-form gradients with respect to the logits `a` and `b`.
-
-    The gradient of the input named by `constant` (`"a"`, `"b"` or `None`) is
-    not computed: `None` is returned for it.
-    """
-    dtype_a, dtype_b = a.dtype, b.dtype
-    a, b = ops.cast(a, "float32"), ops.cast(b, "float32")
-    log_p = ops.log_softmax(a, axis=axis)
-    log_q = ops.log_softmax(b, axis=axis)
-    p = ops.exp(log_p)
-    # `q` itself is not needed for KL(p||q)'s gradient in `a` alone (the
-    # anchor's case).
-    q = ops.exp(log_q) if symmetric or constant != "b" else None
-    term_a, term_b = kl_of_logits_grad_terms(
-        log_p, log_q, p, q, axis, symmetric, constant
-    )
-    upstream = ops.expand_dims(upstream, axis)
-    grad_a = None if term_a is None else ops.cast(upstream * term_a, dtype_a)
-    grad_b = None if term_b is None else ops.cast(upstream * term_b, dtype_b)
-    return grad_a, grad_b
-
-
-def chunked_pair_op(a, b, axis: int, value_chunk, grads_chunk, out_axis, extra=None):
-    """Runs a function of two logit tensors chunk by chunk, with its gradient.
-
-    The value and the gradient are computed one chunk of `a` and `b` at a
-    time (`chunks`), so that no intermediate of their full size is created.
+    The value and the gradient are computed one chunk of the inputs at a
+    time (`chunks` of the first live input's shape), so that no intermediate
+    of their full size is created.
 
     Args:
-        a, b: Tensors of the same shape; `axis` is their class axis, which is
-            never split.
+        live: A tuple of tensors of the same shape, which get gradients;
+            `axis` is their class axis, which is never split.
+        forward_chunk: `forward_chunk(live_chunks, constant_chunks)` on one
+            chunk returns `(value, saved)`: the chunk's value, concatenated
+            over chunks along `out_axis(chunk_axis)`, and what its backward
+            pass needs besides the live inputs.
+        backward_chunk: `backward_chunk(live_chunks, saved, upstream)` on one
+            chunk returns one gradient per live input (`None`: zeros, for an
+            input known to get none). `live_chunks` is `None` unless
+            `backward_reads_live`.
         axis: The class axis, non-negative.
-        value_chunk: `value_chunk(a, b, extra)` on one chunk; its output is
-            concatenated along `out_axis(chunk_axis)`.
-        grads_chunk: `grads_chunk(a, b, extra, upstream)` on one chunk,
-            returning `(grad_a, grad_b)`; `None` stands for a gradient not
-            computed (an input that is constant), returned as zeros.
-        out_axis: Maps the chunk axis of `a` to the one of the value.
-        extra: `None`, or a tensor with the shape of `a` without `axis` (the
-            labels), sliced like `a` and given no gradient.
+        out_axis: Maps the chunk axis of the inputs to the one of the value.
+        constants: Tensors with the shape of the live inputs, or that shape
+            without `axis` (labels), cut like them and given no gradient.
+            They are seen by `forward_chunk` only: on torch, where the
+            backward function keeps what the op closes over until the
+            backward pass, they are dropped after the forward pass (torch
+            runs it once; JAX may trace it more than once).
+        chunked: Whether to cut the inputs at all. Defaults to `True`.
+        backward_reads_live: Whether `backward_chunk` gets the live chunks.
 
     Returns:
         The value, concatenated over chunks.
     """
-    split = chunks(tuple(a.shape), axis)
+    split = chunks(tuple(live[0].shape), axis) if chunked else None
+    chunk_axis = 0 if split is None else split[0]
+    held = {"constants": tuple(constants)}
+    drop = keras.backend.backend() == "torch"
+    del constants
 
-    def pieces(a, b, *more):
-        if split is None:
-            return [(a, b, extra, *more)]
-        chunk_axis, bounds = split
-        extra_axis = chunk_axis - (chunk_axis > axis)
-        sliced = [_slices(a, chunk_axis, bounds), _slices(b, chunk_axis, bounds)]
-        sliced.append(
-            [None] * len(bounds)
-            if extra is None
-            else _slices(extra, extra_axis, bounds)
-        )
-        sliced.extend(_slices(t, out_axis(chunk_axis), bounds) for t in more)
-        return list(zip(*sliced))
+    rank = len(live[0].shape)
 
-    def value_of(a, b):
-        values = [value_chunk(*args) for args in pieces(a, b)]
-        if len(values) == 1:
-            return values[0]
-        return ops.concatenate(values, axis=out_axis(split[0]))
-
-    def grads_of(a, b, upstream):
-        grads_a, grads_b = zip(*(grads_chunk(*args) for args in pieces(a, b, upstream)))
-        grad_a = _join(grads_a, a)
-        del grads_a  # free the pieces before the second concatenation
-        grad_b = _join(grads_b, b)
-        return grad_a, grad_b
-
-    def _join(grads, like):
-        # Every backend's custom gradient wants one per input.
-        if grads[0] is None:
-            return ops.zeros_like(like)
-        if len(grads) == 1:
-            return grads[0]
-        return ops.concatenate(grads, axis=split[0])
+    def live_pieces(xs):
+        return _pieces_of(xs, rank, split, axis)
 
     @ops.custom_gradient
-    def op(a, b):
+    def op(*xs):
+        constant = held.pop("constants") if drop else held["constants"]
+        constant_pieces = _pieces_of(constant, rank, split, axis)
+        del constant
+        values, saved = [], []
+        for live_chunk, constant_chunk in zip(live_pieces(xs), constant_pieces):
+            value, keep = forward_chunk(live_chunk, constant_chunk)
+            values.append(value)
+            saved.append(keep)
+        del constant_pieces
+
         def grad(*args, upstream=None):
-            return grads_of(a, b, upstream_of(args, upstream))
+            upstream = upstream_of(args, upstream)
+            ups = cut(upstream, out_axis(chunk_axis), split)
+            lives = live_pieces(xs) if backward_reads_live else [None] * len(saved)
+            per_chunk = [
+                list(backward_chunk(*chunk)) for chunk in zip(lives, saved, ups)
+            ]
+            del lives, ups
+            return tuple(
+                _joined_grad(per_chunk, i, x, chunk_axis) for i, x in enumerate(xs)
+            )
 
-        return value_of(a, b), grad
+        return _join(values, out_axis(chunk_axis)), grad
 
-    return op(a, b)
+    return op(*live)
+
+
+def _joined_grad(per_chunk, i: int, like, axis: int):
+    """Input `i`'s gradient from its pieces, freed from `per_chunk` as joined.
+
+    Every backend's custom gradient wants one per input: `None` pieces (no
+    gradient) become zeros.
+    """
+    pieces = [chunk[i] for chunk in per_chunk]
+    for chunk in per_chunk:
+        chunk[i] = None
+    if pieces[0] is None:
+        return ops.zeros_like(like)
+    return _join([ops.cast(g, like.dtype) for g in pieces], axis)
 
 
 def kl_of_logits(a, b, axis: int, symmetric: bool, constant=None):
@@ -217,17 +199,26 @@ def kl_of_logits(a, b, axis: int, symmetric: bool, constant=None):
     is returned as zeros without being computed.
     """
     axis %= len(a.shape)
+    kind = "symmetric_kl" if symmetric else "kl"
 
-    def value_chunk(a, b, _):
-        return _kl_of_logits_chunk(a, b, axis, symmetric)
+    def forward(live, _):
+        log_p, log_q = (log_softmax32(x, axis) for x in live)
+        return kl_value(log_p, log_q, kind, axis), None
 
-    def grads_chunk(a, b, _, upstream):
-        return _kl_of_logits_chunk_grads(a, b, upstream, axis, symmetric, constant)
+    def backward(live, _, upstream):
+        log_p, log_q = (log_softmax32(x, axis) for x in live)
+        p = ops.exp(log_p)
+        # `q` itself is not needed for KL(p||q)'s gradient in `a` alone (the
+        # anchor's case).
+        q = ops.exp(log_q) if symmetric or constant != "b" else None
+        terms = kl_grad_terms(log_p, log_q, p, q, axis, symmetric, constant)
+        upstream = ops.expand_dims(upstream, axis)
+        return tuple(None if term is None else upstream * term for term in terms)
 
     def out_axis(chunk_axis):
         return chunk_axis - (chunk_axis > axis)
 
-    return chunked_pair_op(a, b, axis, value_chunk, grads_chunk, out_axis)
+    return chunked_op((a, b), forward, backward, axis=axis, out_axis=out_axis)
 
 
 def set_chunk_elements(elements: int) -> None:

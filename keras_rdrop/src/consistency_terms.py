@@ -13,9 +13,11 @@ import dataclasses
 import keras
 from keras import ops
 
+from keras_rdrop.src.closed_forms import KL_KINDS
 from keras_rdrop.src.divergences import divergence
 
-KINDS = ("symmetric_kl", "kl", "reverse_kl", "mse")
+# A consistency term is one of the KLs, or the mean squared difference.
+TERM_KINDS = (*KL_KINDS, "mse")
 
 
 class PairwiseTerm(keras.losses.Loss):
@@ -31,8 +33,10 @@ class PairwiseTerm(keras.losses.Loss):
     def __init__(
         self, kind, from_logits=True, distribution="auto", name=None, constant_b=False
     ):
-        if kind not in KINDS:
-            raise ValueError(f"`kind` should be one of {KINDS}. Received: {kind!r}")
+        if kind not in TERM_KINDS:
+            raise ValueError(
+                f"`kind` should be one of {TERM_KINDS}. Received: kind={kind!r}"
+            )
         super().__init__(
             name=name or kind, reduction="mean_with_sample_weight", dtype="float32"
         )

@@ -12,7 +12,7 @@ reference's; with R-Drop on, the same pass also gives the second pass's
 cross-entropy and the symmetric KL between the passes.
 
 `FusedAnchorLoss` is the anchor's language-model path: it applies under the
-conditions of `FusedLanguageModelLoss` (`fused_cross_entropy.fusable_step`)
+conditions of `FusedLanguageModelLoss` (`fused_step.fusable_step`)
 and reduces the per-position values with Keras' own loss reduction, so the
 losses are those of the general path.
 """
@@ -22,14 +22,19 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_rdrop.src.chunked_gradients import (
-    chunks,
-    kl_of_log_probs,
-    kl_of_logits_grad_terms,
-    upstream_of,
+from keras_rdrop.src.chunked_gradients import chunked_op
+from keras_rdrop.src.closed_forms import (
+    check_kind,
+    constant_kl_grad,
+    cross_entropy,
+    cross_entropy_grad,
+    kl_value,
+    log_softmax32,
+    two_pass_grads,
+    two_pass_values,
 )
 from keras_rdrop.src.divergences import as_float
-from keras_rdrop.src.fused_cross_entropy import (
+from keras_rdrop.src.fused_step import (
     fusable_step,
     reduce_two_passes,
     reduced_consistency,
@@ -37,41 +42,9 @@ from keras_rdrop.src.fused_cross_entropy import (
     task_labels,
     with_additional_losses,
 )
+from keras_rdrop.src.logsumexp_reference_kl import reference_kl_from_logsumexp
 from keras_rdrop.src.prediction_checks import check_values
 from keras_rdrop.src.step_inputs import StepInputs
-from keras_rdrop.src.whole_reference_kl import (
-    KINDS,
-    cross_entropy_and_reference_kl_whole,
-)
-
-
-def _reference_kl(log_p, log_r, kind: str):
-    """KL of `kind` between the live `log_p` and the reference's `log_r`."""
-    if kind == "reverse_kl":
-        return kl_of_log_probs(log_r, log_p, -1, symmetric=False)
-    return kl_of_log_probs(log_p, log_r, -1, symmetric=kind == "symmetric_kl")
-
-
-def _reference_kl_grad(log_p, log_r, p, kind: str):
-    """dKL/d(live logits) per unit, for the KL of `kind` (`_reference_kl`)."""
-    if kind == "kl":
-        term, _ = kl_of_logits_grad_terms(log_p, log_r, p, None, -1, False, "b")
-        return term
-    r = ops.exp(log_r)
-    if kind == "reverse_kl":
-        # KL(r||p): the reference is the first argument, and the constant.
-        _, term = kl_of_logits_grad_terms(log_r, log_p, r, p, -1, False, "a")
-        return term
-    term, _ = kl_of_logits_grad_terms(log_p, log_r, p, r, -1, True, "b")
-    return term
-
-
-def _pieces(x, axis: int, split):
-    """`x` cut along `axis` as `split` (from `chunked_gradients.chunks`) says."""
-    if split is None:
-        return [x]
-    lead = (slice(None),) * axis
-    return [x[lead + (slice(start, stop),)] for start, stop in split[1]]
 
 
 def cross_entropy_and_reference_kl(
@@ -92,7 +65,7 @@ def cross_entropy_and_reference_kl(
         chunked: Whether to compute it by chunks (`chunked_gradients.chunks`)
             or on the whole tensors at once. Defaults to `True`. One live
             pass on whole tensors takes the formulation of
-            `whole_reference_kl`, which costs fewer passes under XLA.
+            `logsumexp_reference_kl`, which costs fewer passes under XLA.
 
     Returns:
         A float32 tensor of shape `(n,) + logits.shape[:-1]`. With one pass,
@@ -111,8 +84,7 @@ def cross_entropy_and_reference_kl(
     >>> tuple(out.shape)
     (2, 1)
     """
-    if kind not in KINDS:
-        raise ValueError(f"`kind` should be one of {KINDS}. Received: kind={kind!r}")
+    check_kind(kind)
     passes = tuple(live) if isinstance(live, (tuple, list)) else (live,)
     if len(passes) not in (1, 2):
         raise ValueError(
@@ -121,119 +93,85 @@ def cross_entropy_and_reference_kl(
         )
     passes = tuple(as_float(x, "live") for x in passes)
     reference = as_float(reference, "reference")
-    if not chunked and len(passes) == 1:
-        return cross_entropy_and_reference_kl_whole(passes[0], reference, labels, kind)
-    axis = len(passes[0].shape) - 1
-    num_classes = passes[0].shape[-1]
-    split = chunks(tuple(passes[0].shape), axis) if chunked else None
-    chunk_axis = 0 if split is None else split[0]
-    count = 2 if len(passes) == 1 else 4
+    if len(passes) == 2:
+        return _two_passes(passes, reference, labels, kind, chunked)
+    if chunked:
+        return _one_pass(passes[0], reference, labels, kind)
+    return reference_kl_from_logsumexp(passes[0], reference, labels, kind)
 
-    def log_softmax(x):
-        return ops.log_softmax(ops.cast(x, "float32"), axis=-1)
 
-    def value_chunk(log_ps, log_r, labels):
-        index = ops.expand_dims(labels, -1)
-        out = [-ops.take_along_axis(lp, index, axis=-1)[..., 0] for lp in log_ps]
-        if len(log_ps) == 2:
-            out.append(kl_of_log_probs(log_ps[0], log_ps[1], -1, symmetric=True))
-        out.append(_reference_kl(log_ps[0], log_r, kind))
-        return ops.stack(out)
+def _weigh(upstream, term):
+    """`term` times the per-position `upstream`, broadcast over the classes."""
+    return ops.expand_dims(upstream, -1) * term
 
-    def unit_grads(log_ps, log_r, labels):
-        """Per pass, `(output index, d output / d logits)` pairs."""
-        ps = [ops.exp(lp) for lp in log_ps]
+
+def _one_pass(x, reference, labels, kind: str):
+    """`cross_entropy_and_reference_kl` of one live pass, by chunks."""
+    num_classes = x.shape[-1]
+
+    def forward(live, constants):
+        ref, labels = constants
+        log_p, log_r = log_softmax32(live[0]), log_softmax32(ref)
+        value = ops.stack([cross_entropy(log_p, labels), kl_value(log_p, log_r, kind)])
+        # Kept for the backward pass in place of the reference's logits: the
+        # two gradient terms (as TensorFlow's cross-entropy keeps its
+        # gradient), so that the backward pass only weighs them.
+        p = ops.exp(log_p)
         one_hot = ops.one_hot(labels, num_classes, dtype="float32")
-        # dCE/dx = softmax(x) - one_hot(label).
-        units = [[(i, p - one_hot)] for i, p in enumerate(ps)]
-        if len(log_ps) == 2:
-            kl_a, kl_b = kl_of_logits_grad_terms(
-                log_ps[0], log_ps[1], ps[0], ps[1], -1, symmetric=True
-            )
-            units[0].append((2, kl_a))
-            units[1].append((2, kl_b))
-        ref_term = _reference_kl_grad(log_ps[0], log_r, ps[0], kind)
-        units[0].append((count - 1, ref_term))
-        return units
-
-    def grads_chunk(units, upstream):
-        grads = []
-        for pass_units, x in zip(units, passes):
-            grad = None
-            for i, term in pass_units:
-                term = ops.expand_dims(upstream[i], -1) * term
-                grad = term if grad is None else grad + term
-            grads.append(ops.cast(grad, x.dtype))
-        return grads
-
-    def live_chunks(xs):
-        return list(zip(*(_pieces(x, chunk_axis, split) for x in xs)))
-
-    # On torch the backward function keeps `op`, and so what it closes over,
-    # until the backward pass: the reference's logits are handed over and
-    # dropped in the forward pass, which torch runs once (JAX may trace it
-    # more than once).
-    constant = {"reference": reference}
-    drop = keras.backend.backend() == "torch"
-    del reference
-
-    @ops.custom_gradient
-    def op(*xs):
-        label_chunks = _pieces(labels, chunk_axis, split)
-        ref = constant.pop("reference") if drop else constant["reference"]
-        ref_chunks = _pieces(ref, chunk_axis, split)
-        del ref
-        values, kept = [], []
-        for x_chunks, ref, chunk_labels in zip(
-            live_chunks(xs), ref_chunks, label_chunks
-        ):
-            log_ps = [log_softmax(x) for x in x_chunks]
-            log_r = log_softmax(ref)
-            values.append(value_chunk(log_ps, log_r, chunk_labels))
-            # Kept for the backward pass in place of the reference's logits:
-            # with one pass, the two gradient terms (as TensorFlow's
-            # cross-entropy keeps its gradient), so that the backward pass
-            # only weighs them; with two, the reference's log-probabilities
-            # (the passes' are recomputed).
-            if len(xs) == 1:
-                kept.append(unit_grads(log_ps, log_r, chunk_labels))
-            else:
-                kept.append(log_r)
-        del ref_chunks
-        value = (
-            values[0] if len(values) == 1 else ops.concatenate(values, 1 + chunk_axis)
+        terms = (
+            cross_entropy_grad(p, one_hot),
+            constant_kl_grad(log_p, log_r, p, kind),
         )
+        return value, terms
 
-        def grad(*args, upstream=None):
-            upstream = upstream_of(args, upstream)
-            up_chunks = _pieces(upstream, 1 + chunk_axis, split)
-            recomputed = live_chunks(xs) if len(xs) == 2 else [None] * len(kept)
-            per_chunk = []
-            for kept_chunk, x_chunks, chunk_labels, up in zip(
-                kept, recomputed, label_chunks, up_chunks
-            ):
-                units = kept_chunk  # one pass: the gradient terms
-                if x_chunks is not None:  # two: the reference's log-probabilities
-                    log_ps = [log_softmax(x) for x in x_chunks]
-                    units = unit_grads(log_ps, kept_chunk, chunk_labels)
-                per_chunk.append(grads_chunk(units, up))
-            del recomputed, up_chunks
-            grads = []
-            for i in range(len(xs)):
-                pieces = [chunk[i] for chunk in per_chunk]
-                for chunk in per_chunk:  # free each pass's pieces once joined
-                    chunk[i] = None
-                grads.append(
-                    pieces[0]
-                    if len(pieces) == 1
-                    else ops.concatenate(pieces, axis=chunk_axis)
-                )
-                del pieces
-            return tuple(grads)
+    def backward(_, terms, upstream):
+        ce_term, kl_term = terms
+        return (_weigh(upstream[0], ce_term) + _weigh(upstream[1], kl_term),)
 
-        return value, grad
+    return chunked_op(
+        (x,),
+        forward,
+        backward,
+        axis=len(x.shape) - 1,
+        out_axis=lambda chunk_axis: chunk_axis + 1,
+        constants=(reference, labels),
+        backward_reads_live=False,
+    )
 
-    return op(*passes)
+
+def _two_passes(passes, reference, labels, kind: str, chunked: bool):
+    """`cross_entropy_and_reference_kl` of R-Drop's two passes."""
+    num_classes = passes[0].shape[-1]
+
+    def forward(live, constants):
+        ref, labels = constants
+        log_p, log_q = (log_softmax32(x) for x in live)
+        log_r = log_softmax32(ref)
+        values = two_pass_values(log_p, log_q, labels)
+        values.append(kl_value(log_p, log_r, kind))
+        # Kept in place of the reference's logits: its log-probabilities
+        # (the passes' are recomputed).
+        return ops.stack(values), (log_r, labels)
+
+    def backward(live, saved, upstream):
+        log_r, labels = saved
+        log_p, log_q = (log_softmax32(x) for x in live)
+        p, q = ops.exp(log_p), ops.exp(log_q)
+        one_hot = ops.one_hot(labels, num_classes, dtype="float32")
+        ups = (ops.expand_dims(upstream[i], -1) for i in range(3))
+        grad_a, grad_b = two_pass_grads(log_p, log_q, p, q, one_hot, *ups)
+        grad_a = grad_a + _weigh(upstream[3], constant_kl_grad(log_p, log_r, p, kind))
+        return grad_a, grad_b
+
+    return chunked_op(
+        passes,
+        forward,
+        backward,
+        axis=len(passes[0].shape) - 1,
+        out_axis=lambda chunk_axis: chunk_axis + 1,
+        constants=(reference, labels),
+        chunked=chunked,
+    )
 
 
 def chunked_for(model: keras.Model) -> bool:

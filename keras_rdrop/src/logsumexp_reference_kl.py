@@ -1,9 +1,9 @@
-"""The anchor's cross-entropy + KL to the reference on whole tensors (XLA).
+"""The anchor's cross-entropy + KL to the reference from log-sum-exps (XLA).
 
 `fused_reference_kl.cross_entropy_and_reference_kl` runs by chunks, and on
 TensorFlow with XLA on the whole tensors (`fused_reference_kl.chunked_for`).
 For the anchor alone (one live pass) on whole tensors,
-`cross_entropy_and_reference_kl_whole` computes the same values from the
+`reference_kl_from_logsumexp` computes the same values from the
 per-row log-sum-exps and one closed-form reduction, and keeps for the
 backward pass only the live and reference logits and per-row scalars; the
 backward pass recomputes `softmax(live)` from them.
@@ -32,9 +32,7 @@ from __future__ import annotations
 from keras import ops
 
 from keras_rdrop.src.chunked_gradients import upstream_of
-
-# The KLs to the reference; `fused_reference_kl` takes them from here.
-KINDS = ("kl", "reverse_kl", "symmetric_kl")
+from keras_rdrop.src.closed_forms import check_kind
 
 
 def _reference_kl(x, r, lse, cross, lse_r, kind: str):
@@ -49,7 +47,7 @@ def _reference_kl(x, r, lse, cross, lse_r, kind: str):
     return 0.5 * (cross - q_d)
 
 
-def cross_entropy_and_reference_kl_whole(live, reference, labels, kind: str = "kl"):
+def reference_kl_from_logsumexp(live, reference, labels, kind: str = "kl"):
     """Per position: the live pass's cross-entropy and its KL to the reference.
 
     The same values and gradient as
@@ -76,12 +74,11 @@ def cross_entropy_and_reference_kl_whole(live, reference, labels, kind: str = "k
     >>> import numpy as np
     >>> a = np.array([[2.0, 0.5, -1.0]], "float32")
     >>> ref = np.array([[1.0, 1.0, 0.0]], "float32")
-    >>> out = cross_entropy_and_reference_kl_whole(a, ref, np.array([0], "int32"))
+    >>> out = reference_kl_from_logsumexp(a, ref, np.array([0], "int32"))
     >>> [round(float(v), 4) for v in out[:, 0]]
     [0.2413, 0.2795]
     """
-    if kind not in KINDS:
-        raise ValueError(f"`kind` should be one of {KINDS}. Received: kind={kind!r}")
+    check_kind(kind)
     live = ops.convert_to_tensor(live)
     r = ops.cast(ops.stop_gradient(ops.convert_to_tensor(reference)), "float32")
     labels = ops.convert_to_tensor(labels, "int32")
