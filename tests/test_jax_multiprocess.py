@@ -1,0 +1,205 @@
+"""RDropModel and the anchor on JAX across 2 processes (gloo collectives on CPU).
+
+`keras.distribution.initialize` joins two processes into one JAX cluster (one
+CPU device each); `DataParallel(auto_shard_dataset=False)` spans both, and
+each process passes its own NumPy shard of every batch. The runs happen in
+tests/distributed/jax_multiprocess.py, started from here: both processes
+once for all runs, and one process on the global batch to compare with.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import keras_rdrop
+
+SCRIPT = Path(__file__).resolve().parent / "distributed" / "jax_multiprocess.py"
+
+# The conftest skips `jax` tests on the other backends ("runs only on jax").
+pytestmark = [pytest.mark.jax, pytest.mark.multiprocess]
+
+PROCESSES = 2
+MODES = ["sequential", "concat"]
+TRAINING = [f"{case}:{mode}" for case in ("fixed", "dropout") for mode in MODES]
+SINGLE_RUNS = TRAINING
+# Last: it sets the default DataParallel, and stops at its error.
+MULTI_RUNS = [*TRAINING, "auto_shard"]
+# Two processes against one: the same float32 math with the batch split
+# across devices and a gloo all-reduce, so round-off differs (seen: 6e-8).
+RTOL, ATOL = 1e-5, 1e-6
+TIMEOUT_S = 300
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_env():
+    env = dict(os.environ)
+    root = str(Path(keras_rdrop.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["KERAS_BACKEND"] = "jax"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["CUDA_VISIBLE_DEVICES"] = ""  # one CPU device per process
+    # Compiling is most of a tiny run's time; these programs need no speed.
+    env.setdefault("XLA_FLAGS", FAST_XLA)
+    return env
+
+
+def _launch(out_dir):
+    """Starts the one-process run and the two processes together, and waits."""
+    port = str(_free_port())
+    commands = {
+        "single": ["single", *SINGLE_RUNS],
+        **{
+            f"process{p}": [str(p), str(PROCESSES), port, *MULTI_RUNS]
+            for p in range(PROCESSES)
+        },
+    }
+    env, children, codes = _child_env(), {}, {}
+    try:
+        for name, args in commands.items():
+            log = open(out_dir / f"{name}.log", "w")  # closed in `finally`
+            command = [sys.executable, str(SCRIPT), str(out_dir), *args]
+            proc = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+            )
+            children[name] = log, proc
+        # A process that fails leaves the other waiting in a collective: stop
+        # at the first failure (or at the deadline), and end the rest.
+        deadline = time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline:
+            codes = {name: proc.poll() for name, (_, proc) in children.items()}
+            if all(c == 0 for c in codes.values()) or any(codes.values()):
+                break
+            time.sleep(0.2)
+        waited = TIMEOUT_S - (deadline - time.monotonic())
+        codes = {
+            name: f"still running after {waited:.0f} s, ended" if c is None else c
+            for name, c in codes.items()
+        }
+    finally:
+        for log, proc in children.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    failed = {name: code for name, code in codes.items() if code != 0}
+    if failed:
+        logs = "\n".join(
+            f"--- {name} ({codes[name]}):\n"
+            + (out_dir / f"{name}.log").read_text()[-4000:]
+            for name in commands
+        )
+        pytest.fail(f"{SCRIPT.name} failed: {failed}\n{logs}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("jax_multiprocess")
+    _launch(out_dir)
+    return out_dir
+
+
+def _run(out_dir, run, processes):
+    """The results of one run: `[single]`, or one per process, in order."""
+    stem = run.replace(":", "-")
+    suffixes = ["single"] if processes == 1 else [f"process{p}" for p in range(2)]
+    return [json.loads((out_dir / f"{stem}-{s}.json").read_text()) for s in suffixes]
+
+
+def _assert_matches(result, single):
+    assert sorted(result["history"]) == sorted(single["history"])
+    for key, values in single["history"].items():
+        np.testing.assert_allclose(
+            result["history"][key], values, rtol=RTOL, atol=ATOL, err_msg=key
+        )
+    for got, expected in zip(result["weights"], single["weights"], strict=True):
+        np.testing.assert_allclose(got, expected, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fixed_two_processes_match_one_on_the_global_batch(mode, results):
+    (single,) = _run(results, f"fixed:{mode}", 1)
+    processes = _run(results, f"fixed:{mode}", 2)
+    assert single["history"]["ref_kl"][-1] > 1e-3  # the anchor is at work
+    for result in processes:
+        assert result["distribution"] == "DataParallel"
+        _assert_matches(result, single)
+        # Bitwise: the snapshot is a copy of θ0, which every run builds from
+        # the same seed with the same initializer ops.
+        for got, expected in zip(result["snapshot"], single["snapshot"], strict=True):
+            np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dropout_processes_keep_equal_weights(mode, results):
+    first, second = _run(results, f"dropout:{mode}", 2)
+    # Bitwise: each process holds its own copy of the replicated weights and
+    # applies the same all-reduced gradient (with two processes, a + b and
+    # b + a are the same float) with the same optimizer ops.
+    for a, b in zip(first["weights"], second["weights"], strict=True):
+        np.testing.assert_array_equal(a, b)
+    moved = max(
+        np.abs(np.asarray(w) - np.asarray(t)).max()
+        for w, t in zip(first["weights"], first["theta0"], strict=True)
+    )
+    assert moved > 1e-3
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_snapshot_is_theta0_on_every_process(mode, results):
+    first, second = _run(results, f"dropout:{mode}", 2)
+    # Bitwise: each process's snapshot is a copy of its θ0 (no arithmetic),
+    # and θ0 is the same on both (same seed, same initializer ops).
+    for a, b, theta0 in zip(
+        first["snapshot"], second["snapshot"], first["theta0"], strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, theta0)
+    for a, b in zip(first["theta0"], second["theta0"], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kl_logs_are_global_values_on_every_process(mode, results):
+    first, second = _run(results, f"dropout:{mode}", 2)
+    assert first["history"]["kl_loss"][0] > 1e-3
+    assert first["history"]["ref_kl"][-1] > 1e-3
+    for key in ("kl_loss", "ref_kl", "task_loss", "loss"):
+        # Both processes run one program over the global batch: the logged
+        # values are the same, up to the order of the all-reduce's sum.
+        np.testing.assert_allclose(
+            first["history"][key], second["history"][key], rtol=1e-6, err_msg=key
+        )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dropout_two_processes_match_one_on_the_global_batch(mode, results):
+    # On JAX the step is one program over the global batch: the dropout masks
+    # are drawn for the whole global batch from the replicated seed state
+    # (partitionable threefry, JAX's default), so each process's shard gets
+    # its part of the one-process run's masks, and the runs agree (RTOL/ATOL).
+    (single,) = _run(results, f"dropout:{mode}", 1)
+    for result in _run(results, f"dropout:{mode}", 2):
+        _assert_matches(result, single)
+
+
+def test_default_data_parallel_asks_for_a_dataset_with_numpy_input(results):
+    for result in _run(results, "auto_shard", 2):
+        assert result["distribution"] == "DataParallel"
+        error = result["error"]
+        assert error is not None, "fit on NumPy under DataParallel() did not raise"
+        # Keras' message (3.15 and 3.16 word the rest differently).
+        assert "the data must be provided as a `tf.data.Dataset`" in error
+        assert "auto_shard_dataset = False" in error
