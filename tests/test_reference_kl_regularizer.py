@@ -341,7 +341,6 @@ def test_callback_on_a_plain_model_tells_to_wrap_it():
     "kwargs, match",
     [
         ({"beta": -0.1}, "beta"),
-        ({"beta": "high"}, "beta"),
         ({"direction": "backward"}, "direction"),
         ({"refresh_every_steps": 0}, "refresh_every_steps"),
         ({"soft_update_tau": 0.5}, "soft_update_every"),
@@ -354,6 +353,12 @@ def test_callback_on_a_plain_model_tells_to_wrap_it():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ReferenceKLRegularizer(**kwargs)
+
+
+def test_a_beta_of_the_wrong_type_is_a_type_error():
+    # As for RDropModel's alpha (tests/test_weight_schedules.py).
+    with pytest.raises(TypeError, match="`beta` should be a non-negative float"):
+        ReferenceKLRegularizer(beta="high")
 
 
 def test_reference_from_another_model_is_an_error_naming_shapes():

@@ -1,13 +1,11 @@
 """RDropModel's `alpha`: a float, a schedule of the training step, or a dict.
 
-A schedule is a `keras.optimizers.schedules.LearningRateSchedule` (any of
-`keras.optimizers.schedules.*`, or a subclass) or a callable of the step. It
-is called inside the training step with the step as a scalar int32 tensor, as
-Keras calls a learning-rate schedule, so it runs traced (`jit`,
-`tf.function`, `torch.compile`) on every backend without retracing. A plain
-callable must therefore be written with `keras.ops`
-(`lambda step: keras.ops.minimum(1.0, step / 1000)`), not with Python
-control flow on the step.
+A schedule is one of `weight_schedules`: a
+`keras.optimizers.schedules.LearningRateSchedule`, called inside the training
+step with the step as a scalar int32 tensor (so it runs traced, `jit`,
+`tf.function`, `torch.compile`, without retracing), or a plain callable of
+the step, called on the host before each step with the step as a Python int
+and fed to the step through a variable (`alpha_values`), so it may use `if`.
 
 The step is RDropModel's own counter (`alpha_step`, a non-trainable variable
 created only when `alpha` is scheduled): the number of training steps the
@@ -24,79 +22,24 @@ applies the step's value.
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Callable
 from typing import Any
 
 import keras
 from keras import ops
 
-# A schedule of the training step (see the module docstring).
-Schedule = keras.optimizers.schedules.LearningRateSchedule | Callable[[Any], Any]
-
-
-def is_schedule(value: Any) -> bool:
-    """Whether `value` is a schedule (a `LearningRateSchedule` or a callable)."""
-    if isinstance(value, keras.optimizers.schedules.LearningRateSchedule):
-        return True
-    return callable(value) and not isinstance(value, type)
+from keras_rdrop.src.weight_schedules import (
+    is_host_schedule,
+    is_schedule,
+    traced_value,
+    validate_weight,
+)
 
 
 def validate_alpha(alpha: Any, name: str = "alpha"):
     """`alpha` checked: a float, a schedule, or a dict of them by output name."""
     if isinstance(alpha, dict):
         return {k: validate_alpha(v, f"{name}[{k!r}]") for k, v in alpha.items()}
-    if is_schedule(alpha):
-        _check_schedule(alpha, name)
-        return alpha
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, numbers.Real)
-        or not alpha >= 0
-        or alpha == float("inf")
-    ):
-        error = TypeError if not isinstance(alpha, numbers.Real) else ValueError
-        raise error(
-            f"`{name}` should be a non-negative float, a schedule of the step "
-            "(a keras.optimizers.schedules.LearningRateSchedule or a callable "
-            "written with keras.ops), or a dict of them keyed by output name. "
-            f"Received: {name}={alpha!r}"
-        )
-    return float(alpha)
-
-
-def _check_schedule(schedule, name: str) -> None:
-    """Calls `schedule` at step 0 (eagerly) to check what it returns."""
-    value = schedule_value(schedule, ops.convert_to_tensor(0, "int32"), name)
-    value = float(ops.convert_to_numpy(value))
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(
-            f"The `{name}` schedule returned {value} at step 0; it should return "
-            "a non-negative, finite float."
-        )
-
-
-def schedule_value(schedule, step, name: str = "alpha"):
-    """`schedule(step)` as a float32 scalar, with a clear error if it fails."""
-    try:
-        value = schedule(step)
-        value = ops.cast(ops.convert_to_tensor(value), "float32")
-    except Exception as error:  # any failure of user code, re-raised with help
-        raise TypeError(
-            f"The `{name}` schedule failed when called with the training step "
-            f"as a scalar int32 tensor ({type(error).__name__}: {error}). It is "
-            "called inside the (possibly compiled) training step, like a Keras "
-            "learning-rate schedule: use a keras.optimizers.schedules object, "
-            "or write the callable with keras.ops, e.g. "
-            "`lambda step: keras.ops.minimum(1.0, step / 1000)`."
-        ) from error
-    if len(value.shape) != 0:
-        raise ValueError(
-            f"The `{name}` schedule should return a scalar. Received a value of "
-            f"shape {tuple(value.shape)}."
-        )
-    return value
+    return validate_weight(alpha, name, ", or a dict of them keyed by output name")
 
 
 def step_counter():
@@ -110,20 +53,31 @@ def step_counter():
     )
 
 
-def advance(step_variable, schedules: dict, trackers: list) -> dict:
+def advance(step_variable, schedules: dict, trackers: list, fed: dict) -> dict:
     """Each schedule's value at this step (logged by `trackers`); counts it.
 
-    Read from and written to `step_variable` inside the step, so it is
-    correct traced on every backend (on JAX the counter, a non-trainable
-    variable of the model, is threaded through the stateless step).
+    A `LearningRateSchedule` is evaluated here, on the step read from
+    `step_variable`; a plain callable's value is read from its variable in
+    `fed` (by log name), which `weight_schedules.feed` assigned on the host.
+    Read from and written to variables inside the step, so it is correct
+    traced on every backend (on JAX the counter, a non-trainable variable of
+    the model, is threaded through the stateless step).
     """
     step = ops.convert_to_tensor(step_variable)
     current = {}
     for tracker, (name, schedule) in zip(trackers, schedules.items()):
-        current[name] = schedule_value(schedule, step, name)
+        if name in fed:
+            current[name] = ops.convert_to_tensor(fed[name])
+        else:
+            current[name] = traced_value(schedule, step, name)
         tracker.update_state(current[name])
     step_variable.assign_add(1)
     return current
+
+
+def host_schedules(alpha: Any) -> dict:
+    """The plain callables of `alpha` (evaluated on the host), by log name."""
+    return {k: v for k, v in log_names(alpha).items() if is_host_schedule(v)}
 
 
 def is_scheduled(alpha: Any) -> bool:
@@ -188,7 +142,7 @@ def serialize_alpha(alpha: Any):
         return {k: serialize_alpha(v) for k, v in alpha.items()}
     if isinstance(alpha, keras.optimizers.schedules.LearningRateSchedule):
         return keras.saving.serialize_keras_object(alpha)
-    if is_schedule(alpha):
+    if is_host_schedule(alpha):
         raise NotImplementedError(
             "An RDropModel whose `alpha` is a plain callable has no config, so "
             f"it cannot be saved as a whole (alpha={alpha!r}). Use a "

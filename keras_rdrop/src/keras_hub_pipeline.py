@@ -180,7 +180,7 @@ class TaskPreprocessingModel(keras.Model):
             batch_size=batch_size,
             epochs=epochs,
             verbose=verbose,
-            callbacks=callbacks,
+            callbacks=self._training_callbacks(callbacks),
             validation_split=validation_split,
             validation_data=validation_data,
             shuffle=shuffle,
@@ -204,9 +204,17 @@ class TaskPreprocessingModel(keras.Model):
         x, _, _ = preprocess(self._task_preprocessor(), x)
         return super().predict(x, batch_size=batch_size, **kwargs)
 
+    def _training_callbacks(self, callbacks):
+        """The callbacks `fit` runs with (a subclass may add its own)."""
+        return callbacks
+
+    def _before_train_on_batch(self) -> None:
+        """Runs on the host before `train_on_batch` (a subclass's hook)."""
+
     def train_on_batch(self, x, y=None, sample_weight=None, **kwargs):
         fn = self._task_preprocessor()
         x, y, sample_weight = preprocess(fn, x, y, sample_weight)
+        self._before_train_on_batch()
         return super().train_on_batch(x, y, sample_weight=sample_weight, **kwargs)
 
     def test_on_batch(self, x, y=None, sample_weight=None, **kwargs):

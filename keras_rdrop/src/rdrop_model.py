@@ -12,9 +12,9 @@ from keras import ops
 
 from keras_rdrop.src.alpha_schedule import (
     CurrentValue,
-    Schedule,
     advance,
     deserialize_alpha,
+    host_schedules,
     is_scheduled,
     log_names,
     serialize_alpha,
@@ -35,6 +35,12 @@ from keras_rdrop.src.seed_state import is_seed_key, load_seed_states, save_seed_
 from keras_rdrop.src.stacked_passes import split_passes, stack_twice
 from keras_rdrop.src.step_inputs import StepInputs
 from keras_rdrop.src.step_paths import select_path
+from keras_rdrop.src.weight_schedules import (
+    HostScheduleFeed,
+    Schedule,
+    feed,
+    host_variable,
+)
 
 MODES = ("sequential", "concat")
 _OWN_LOG_NAMES = ("kl_loss", "task_loss", "ref_kl")
@@ -99,17 +105,21 @@ class RDropModel(TaskPreprocessingModel):
         model: The `keras.Model` to train: Sequential, functional (any input
             and output structure), subclassed or a keras-hub task.
         alpha: Weight of the consistency term: a non-negative float, a
-            schedule of the training step (a
-            `keras.optimizers.schedules.LearningRateSchedule` such as
-            `PiecewiseConstantDecay` or `PolynomialDecay`, or a callable of
-            the step written with `keras.ops`), or a dict of them keyed by
-            output name (outputs left out get 0). `alpha=0` skips the second
-            pass, so the model trains exactly like plain `fit`. A schedule is
-            called in the training step with the step (this model's training
-            steps so far, `alpha_step`, saved with it) as a scalar int32
-            tensor, like a learning-rate schedule; with one, the second pass
-            always runs, even where it is 0. Plain callables cannot be
-            serialized (`get_config`). Defaults to `1.0`.
+            schedule of the training step, or a dict of them keyed by output
+            name (outputs left out get 0). `alpha=0` skips the second pass,
+            so the model trains exactly like plain `fit`. A schedule is a
+            `keras.optimizers.schedules.LearningRateSchedule` (such as
+            `PiecewiseConstantDecay` or `PolynomialDecay`), called inside the
+            training step with the step as a scalar int32 tensor, like a
+            learning-rate schedule; or a plain callable of the step, called on
+            the host before each step with the step as a Python int (so it may
+            use `if`: `lambda step: 0.0 if step < 1000 else 1.0`) and fed to
+            the step through a variable, without retracing. The step is this
+            model's training steps so far (`alpha_step`, saved with it). With
+            a schedule, the second pass always runs, even where it is 0. The
+            same three forms are accepted by `ReferenceKLRegularizer`'s
+            `beta`. Plain callables cannot be serialized (`get_config`).
+            Defaults to `1.0`.
         mode: `"sequential"` runs the inner model twice; `"concat"` runs it
             once on the batch concatenated with itself (`[x; x]`, as the
             R-Drop paper does) and splits the output. The math is the same;
@@ -243,6 +253,10 @@ class RDropModel(TaskPreprocessingModel):
         if self._alpha_schedules:
             self.alpha_step = step_counter()
             self.alpha_trackers = [CurrentValue(name) for name in self._alpha_schedules]
+        # A plain callable's value, fed from the host before each step.
+        host = host_schedules(alpha)
+        self.alpha_values = [host_variable(f"{name}_value") for name in host]
+        self._alpha_feeds = list(zip(host, host.values(), self.alpha_values))
         # Filled by `ReferenceKLRegularizer`; holds no variables until then.
         self.reference = ReferenceSnapshot(name="reference")
         self._plans = PlanCache()
@@ -280,7 +294,32 @@ class RDropModel(TaskPreprocessingModel):
         """Each schedule's value at this training step; advances the step."""
         if not self._alpha_schedules:
             return {}
-        return advance(self.alpha_step, self._alpha_schedules, self.alpha_trackers)
+        fed = {name: variable for name, _, variable in self._alpha_feeds}
+        return advance(self.alpha_step, self._alpha_schedules, self.alpha_trackers, fed)
+
+    def _step_count(self) -> int:
+        """This model's training steps so far (`alpha_step`), read on the host."""
+        return int(ops.convert_to_numpy(self.alpha_step))
+
+    def _training_callbacks(self, callbacks):
+        """`callbacks` and the feed of a plain-callable `alpha`, for `fit`."""
+        if not self._alpha_feeds:
+            return callbacks
+        feed_alpha = HostScheduleFeed(self._alpha_feeds, type(self)._step_count)
+        if isinstance(callbacks, keras.callbacks.CallbackList):
+            raise TypeError(
+                "An RDropModel whose `alpha` is a plain callable evaluates it in "
+                "a callback of its own, which cannot join a CallbackList: pass "
+                "`fit` a list of callbacks."
+            )
+        if isinstance(callbacks, keras.callbacks.Callback):
+            callbacks = [callbacks]
+        return [*(callbacks or []), feed_alpha]
+
+    def _before_train_on_batch(self) -> None:
+        """Feeds a plain-callable `alpha` its step, for `train_on_batch`."""
+        if self._alpha_feeds:
+            feed(self._alpha_feeds, self._step_count())
 
     def compile(
         self, optimizer="rmsprop", loss=None, loss_weights=None, *args, **kwargs

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-from typing import Any
 
 import keras
 from keras import ops
 
 from keras_rdrop.src.reference_penalty import DIRECTIONS, ReferenceSettings
 from keras_rdrop.src.reference_snapshot import ReferenceSnapshot
+from keras_rdrop.src.weight_schedules import (
+    Schedule,
+    is_host_schedule,
+    is_schedule,
+    is_traced_schedule,
+    validate_weight,
+    weight_at,
+)
 
 
 def _positive_int_or_none(value, name):
@@ -80,13 +87,15 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
     `reset_reference=True` to re-anchor to the current weights.
 
     Args:
-        beta: Weight of the penalty: a non-negative float, a callable of the
-            global step returning one, or a `keras.optimizers.schedules.
-            LearningRateSchedule`-style object. A callable is evaluated on
-            the host before each batch (it may use Python `if`), and its
-            value is fed to the step through a variable, so the step is not
-            retraced. With `target_kl` it is the initial value. Defaults to
-            `0.1`.
+        beta: Weight of the penalty: a non-negative float, or a schedule of
+            the training step, as `RDropModel`'s `alpha` takes one: a
+            `keras.optimizers.schedules.LearningRateSchedule`, called with the
+            step as a scalar int32 tensor, or a plain callable of the step,
+            called with the step as a Python int (so it may use `if`). Both
+            are evaluated on the host before each batch, at the optimizer's
+            step, and their value is fed to the step through a variable, so
+            the step is not retraced. With `target_kl` it is the initial
+            value, a float. Defaults to `0.1`.
         direction: `"forward"`, `"reverse"` or `"symmetric"`, see above.
             Defaults to `"forward"`.
         refresh_every_epochs: Re-take the snapshot from the current weights
@@ -137,7 +146,7 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
 
     def __init__(
         self,
-        beta: float | Any = 0.1,
+        beta: float | Schedule = 0.1,
         direction: str = "forward",
         refresh_every_epochs: int | None = None,
         refresh_every_steps: int | None = None,
@@ -149,19 +158,7 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
         reset_reference: bool = False,
     ):
         super().__init__()
-        if callable(beta):
-            self.beta = beta
-        elif (
-            isinstance(beta, bool)
-            or not isinstance(beta, numbers.Real)
-            or not 0 <= beta < float("inf")
-        ):
-            raise ValueError(
-                "`beta` should be a non-negative float, a callable of the step or "
-                f"a schedule. Received: beta={beta!r}"
-            )
-        else:
-            self.beta = float(beta)
+        self.beta = validate_weight(beta, "beta")
         if direction not in DIRECTIONS:
             raise ValueError(
                 f"`direction` should be one of {DIRECTIONS}. Received: "
@@ -198,7 +195,7 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
                 "`target_kl` should be a positive float. Received: "
                 f"target_kl={target_kl!r}"
             )
-        if target_kl is not None and callable(beta):
+        if target_kl is not None and is_schedule(beta):
             raise ValueError(
                 "`target_kl` adapts beta itself, so `beta` should be its initial "
                 f"float value, not a schedule. Received: beta={beta!r}"
@@ -285,18 +282,10 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
     # ------------------------------------------------------------- stepping
 
     def _beta_at(self, step: int) -> float:
-        if not callable(self.beta):
-            return self.beta
-        value = float(ops.convert_to_numpy(self.beta(step)))
-        if not value >= 0:
-            raise ValueError(
-                f"The `beta` schedule returned {value} at step {step}; it should be "
-                "a non-negative float."
-            )
-        return value
+        return weight_at(self.beta, step, "beta")
 
     def on_train_batch_begin(self, batch, logs=None):
-        if callable(self.beta):
+        if is_schedule(self.beta):
             self.model.reference.beta.assign(self._beta_at(self._step))
 
     def on_train_batch_end(self, batch, logs=None):
@@ -314,12 +303,17 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
             model.reference.refresh(model.model)
 
     def get_config(self) -> dict:
-        if callable(self.beta):
+        if is_host_schedule(self.beta):
             raise NotImplementedError(
-                "A ReferenceKLRegularizer with a callable `beta` has no config."
+                "A ReferenceKLRegularizer whose `beta` is a plain callable has no "
+                "config. Use a keras.optimizers.schedules.LearningRateSchedule (a "
+                "custom one registered with @keras.saving.register_keras_serializable)."
             )
+        beta = self.beta
+        if is_traced_schedule(beta):
+            beta = keras.saving.serialize_keras_object(beta)
         return {
-            "beta": self.beta,
+            "beta": beta,
             "direction": self.direction,
             "refresh_every_epochs": self.refresh_every_epochs,
             "refresh_every_steps": self.refresh_every_steps,
@@ -333,4 +327,7 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
 
     @classmethod
     def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("beta"), dict):
+            config["beta"] = keras.saving.deserialize_keras_object(config["beta"])
         return cls(**config)
