@@ -76,10 +76,12 @@ def _launch(mode, out_dir):
             if all(c == 0 for c in codes) or any(codes):
                 break
             time.sleep(0.2)
-        codes = [
-            f"still running after {TIMEOUT_S} s, ended" if c is None else c
-            for c in codes
-        ]
+        still = (
+            f"still running after {TIMEOUT_S} s, ended"
+            if time.monotonic() >= deadline
+            else "still running when the other failed, ended"
+        )
+        codes = [still if c is None else c for c in codes]
     finally:
         for out, proc in children:
             if proc.poll() is None:
