@@ -2,16 +2,21 @@
 
 Keras >= 3.16's torch trainer wraps the model in `DistributedDataParallel`
 when `torch.distributed` is initialized, and all-reduces the metric
-variables. These tests start `torchrun --nproc_per_node=2` (as
-`python -m torch.distributed.run`) from pytest on the script
-tests/distributed/torch_ddp.py, and compare with one process.
+variables. These tests start `torchrun` (as `python -m torch.distributed.run`)
+from pytest on the script tests/distributed/torch_ddp.py, in two layouts: one
+node with 2 ranks (`--nproc_per_node=2`), and two nodes with one rank each
+(`--nnodes=2 --nproc_per_node=1`: two launches, `--node_rank=0` and `1`,
+started together with one rendezvous on localhost). Both go through the same
+checks, against one process on the global batch.
 """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import keras
@@ -43,7 +48,8 @@ def _free_port():
 
 
 # Every run the tests below compare, started once: one process on the global
-# batch, and one `torchrun` launch of two ranks (see the script's docstring).
+# batch, one `torchrun` launch of two ranks on one node, and (a subset, for
+# time: each launch costs ~10 s) two launches of one rank each, as two nodes.
 SINGLE_RUNS = ["fixed:sequential", "fixed:concat"]
 DDP_RUNS = [
     "fixed:sequential:ddp",
@@ -52,37 +58,131 @@ DDP_RUNS = [
     "dropout:concat:ddp",
     "fixed:concat:data_parallel",  # last: it sets a global distribution
 ]
+TWO_NODE_RUNS = ["fixed:concat:ddp", "dropout:sequential:ddp"]
+TIMEOUT_S = 300  # a launch: ~10-20 s on 2 busy cores
 
 
-def _launch(runs, out_dir, processes):
+def _child_env():
     env = dict(os.environ)
     root = str(Path(keras_rdrop.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env["CUDA_VISIBLE_DEVICES"] = ""
     env["OMP_NUM_THREADS"] = "1"
-    command = [sys.executable]
-    if processes > 1:
-        command += [
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={processes}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={_free_port()}",
-        ]
-    command += [str(SCRIPT), str(out_dir), *runs]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=500)
-    assert proc.returncode == 0, (
-        f"{' '.join(command)} failed ({proc.returncode}):\n"
-        f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    )
+    return env
+
+
+def _end(proc):
+    """Ends `proc` and what it started (torchrun's ranks): its process group."""
+    if proc.poll() is None:
+        if os.name == "posix":
+            os.killpg(proc.pid, signal.SIGKILL)  # the group of `proc` alone
+        else:  # pragma: no cover
+            proc.kill()
+    proc.wait()
+
+
+def _launch(launches, out_dir):
+    """Starts the commands in `launches` ({name: argv}) together, and waits.
+
+    A launch that fails leaves the others waiting in the rendezvous or a
+    collective: stop at the first failure (or at the deadline), end the rest,
+    and fail with every launch's output.
+    """
+    children, codes = {}, {}
+    try:
+        for name, command in launches.items():
+            log = open(out_dir / f"{name}.log", "w")  # closed in `finally`
+            proc = subprocess.Popen(
+                command,
+                env=_child_env(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,  # its own process group, for `_end`
+            )
+            children[name] = log, proc
+        deadline = time.monotonic() + TIMEOUT_S
+        while time.monotonic() < deadline:
+            codes = {name: proc.poll() for name, (_, proc) in children.items()}
+            if all(c == 0 for c in codes.values()) or any(codes.values()):
+                break
+            time.sleep(0.2)
+        still = (
+            f"still running after {TIMEOUT_S} s, ended"
+            if time.monotonic() >= deadline
+            else "still running when another failed, ended"
+        )
+        codes = {name: still if c is None else c for name, c in codes.items()}
+    finally:
+        for log, proc in children.values():
+            _end(proc)
+            log.close()
+    failed = {name: code for name, code in codes.items() if code != 0}
+    if failed:
+        logs = "\n".join(
+            f"--- {name} ({codes[name]}): {' '.join(launches[name])}\n"
+            + (out_dir / f"{name}.log").read_text()[-6000:]
+            for name in launches
+        )
+        pytest.fail(f"{SCRIPT.name} failed: {failed}\n{logs}", pytrace=False)
+
+
+def _torchrun(*options):
+    return [sys.executable, "-m", "torch.distributed.run", *options]
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
+    """One process on the global batch, then 2 ranks on one node."""
     out_dir = tmp_path_factory.mktemp("ddp")
-    _launch(SINGLE_RUNS, out_dir, 1)
-    _launch(DDP_RUNS, out_dir, 2)
+    script = [str(SCRIPT), str(out_dir)]
+    _launch({"single": [sys.executable, *script, *SINGLE_RUNS]}, out_dir)
+    one_node = _torchrun(
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+    )
+    _launch({"one_node": [*one_node, *script, *DDP_RUNS]}, out_dir)
     return out_dir
+
+
+@pytest.fixture(scope="module")
+def two_node_results(tmp_path_factory):
+    """2 nodes of one rank each: two launches, one rendezvous on localhost."""
+    out_dir = tmp_path_factory.mktemp("ddp_two_nodes")
+    port = _free_port()
+    launches = {
+        f"node{node}": [
+            *_torchrun(
+                "--nnodes=2",
+                "--nproc_per_node=1",
+                f"--node_rank={node}",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+            ),
+            str(SCRIPT),
+            str(out_dir),
+            *TWO_NODE_RUNS,
+        ]
+        for node in range(2)
+    }
+    _launch(launches, out_dir)
+    return out_dir
+
+
+# Where each layout's ranks run: their node, and the ranks on that node.
+PLACEMENT = {"one_node": ([0, 0], 2), "two_nodes": ([0, 1], 1)}
+
+
+def _ranks(request, layout, case, mode, distribution="ddp"):
+    """Both ranks' results of one run in `layout`, checked to be there."""
+    fixture = {"one_node": "ddp_results", "two_nodes": "two_node_results"}[layout]
+    ranks = _run(request.getfixturevalue(fixture), case, mode, 2, distribution)
+    nodes, local_world = PLACEMENT[layout]
+    assert [r["node"] for r in ranks] == nodes
+    assert all(r["local_world"] == local_world for r in ranks)
+    assert [r["rank"] for r in ranks] == [0, 1]
+    return ranks
 
 
 def _run(out_dir, case, mode, processes, distribution="ddp"):
@@ -95,12 +195,19 @@ def _run(out_dir, case, mode, processes, distribution="ddp"):
 
 
 @pytest.mark.parametrize(
-    "mode, distribution",
-    [("sequential", "ddp"), ("concat", "ddp"), ("concat", "data_parallel")],
+    "mode, distribution, layout",
+    [
+        ("sequential", "ddp", "one_node"),
+        ("concat", "ddp", "one_node"),
+        ("concat", "data_parallel", "one_node"),
+        ("concat", "ddp", "two_nodes"),
+    ],
 )
-def test_two_processes_match_one_on_the_global_batch(mode, distribution, ddp_results):
+def test_two_processes_match_one_on_the_global_batch(
+    mode, distribution, layout, ddp_results, request
+):
     (single,) = _run(ddp_results, "fixed", mode, 1)
-    ranks = _run(ddp_results, "fixed", mode, 2, distribution)
+    ranks = _ranks(request, layout, "fixed", mode, distribution)
     assert all(r["ddp"] for r in ranks), "Keras did not wrap the model in DDP"
     assert single["history"]["ref_kl"][-1] > 1e-4  # the anchor is at work
     for result in ranks:
@@ -118,9 +225,12 @@ def test_two_processes_match_one_on_the_global_batch(mode, distribution, ddp_res
             np.testing.assert_array_equal(got, expected)
 
 
-@pytest.mark.parametrize("mode", ["sequential", "concat"])
-def test_with_dropout_ranks_stay_equal(mode, ddp_results):
-    rank0, rank1 = _run(ddp_results, "dropout", mode, 2)
+@pytest.mark.parametrize(
+    "mode, layout",
+    [("sequential", "one_node"), ("concat", "one_node"), ("sequential", "two_nodes")],
+)
+def test_with_dropout_ranks_stay_equal(mode, layout, request):
+    rank0, rank1 = _ranks(request, layout, "dropout", mode)
     assert rank0["ddp"] and rank1["ddp"]
     # Different shards and masks, one model: DDP keeps the weights equal,
     # the second pass (sequential mode) included, which calls the inner

@@ -4,9 +4,17 @@ Run by tests/test_torch_ddp.py, either as one process on the global batch:
 
     python torch_ddp.py OUT_DIR CASE:MODE[:DIST] ...
 
-or as two gloo processes on CPU, each on its own shard of every batch:
+or as two gloo processes on CPU, each on its own shard of every batch, on one
+node:
 
     python -m torch.distributed.run --nproc_per_node=2 \
+        torch_ddp.py OUT_DIR CASE:MODE[:DIST] ...
+
+or on two nodes (two launches, one per node, started together; here both on
+localhost):
+
+    python -m torch.distributed.run --nnodes=2 --nproc_per_node=1 \
+        --node_rank=N --master_addr=127.0.0.1 --master_port=PORT \
         torch_ddp.py OUT_DIR CASE:MODE[:DIST] ...
 
 Each `CASE:MODE[:DIST]` is one training run, in the order given, in the same
@@ -115,6 +123,9 @@ def train(case, mode, distribution, out_dir, rank, world):
     result = {
         "rank": rank,
         "world": world,
+        # Where torchrun placed this rank: its node and that node's ranks.
+        "node": int(os.environ.get("GROUP_RANK", 0)),
+        "local_world": int(os.environ.get("LOCAL_WORLD_SIZE", world)),
         "ddp": model.ddp_model is not None if hasattr(model, "ddp_model") else None,
         "history": history.history,
         "weights": [np.asarray(w.numpy()).tolist() for w in model.model.weights],
