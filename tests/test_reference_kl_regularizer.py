@@ -314,7 +314,7 @@ def test_beta_schedule_and_adaptive_controller():
         callbacks=[ReferenceKLRegularizer(beta=schedule)],
     )
     assert seen[-4:] == [0, 1, 2, 3]
-    assert_allclose(model.reference.beta, 0.3, rtol=1e-6)
+    assert_allclose(model.anchor.beta, 0.3, rtol=1e-6)
     # KL far above a tiny target: beta grows; far below a huge one: it shrinks.
     for target, grows in [(1e-6, True), (1e3, False)]:
         model.fit(
@@ -325,7 +325,7 @@ def test_beta_schedule_and_adaptive_controller():
             verbose=0,
             callbacks=[ReferenceKLRegularizer(beta=1.0, target_kl=target, horizon=64)],
         )
-        beta = float(to_numpy(model.reference.beta))
+        beta = float(to_numpy(model.anchor.beta))
         assert (beta > 1.0) if grows else (beta < 1.0), (target, beta)
 
 

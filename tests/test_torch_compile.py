@@ -84,7 +84,7 @@ def test_training_step_compiles_without_a_graph_break_of_ours(case, mode):
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=callbacks)
     if case == "anchor":
         # `fit` switched the anchor off at its end: on again for the step.
-        model.reference.settings = ReferenceSettings()
+        model.anchor.settings = ReferenceSettings()
     torch._dynamo.reset()
     data = (torch.as_tensor(x[:8]), torch.as_tensor(y[:8]))
     explanation = torch._dynamo.explain(model.train_step)(data)

@@ -190,8 +190,8 @@ MUTANTS = [
         "adaptive-beta-wrong-sign",
         "the adaptive beta moves away from the target KL",
         S + "reference_penalty.py",
-        "snapshot.beta.assign(beta * (1.0 + error * step))",
-        "snapshot.beta.assign(beta * (1.0 - error * step))",
+        "anchor.beta.assign(beta * (1.0 + error * step))",
+        "anchor.beta.assign(beta * (1.0 - error * step))",
         ("tests/test_reference_kl_regularizer.py",),
     ),
     Mutant(

@@ -22,6 +22,7 @@ from keras_rdrop.src.alpha_schedule import (
     validate_alpha,
     weigh_terms,
 )
+from keras_rdrop.src.anchor_state import AnchorState
 from keras_rdrop.src.consistency_terms import copy_sample_weight
 from keras_rdrop.src.fused_reference_kl import chunked_for
 from keras_rdrop.src.keras_hub_pipeline import TaskPreprocessingModel
@@ -29,7 +30,7 @@ from keras_rdrop.src.keras_internals import additional_losses, unscale_for_distr
 from keras_rdrop.src.label_checks import LabelCheck
 from keras_rdrop.src.model_checks import has_stochastic_layer, validate_bool
 from keras_rdrop.src.output_plan import PlanCache
-from keras_rdrop.src.reference_penalty import weighted_penalty
+from keras_rdrop.src.reference_penalty import ReferenceRun, kl_kind, weighted_penalty
 from keras_rdrop.src.reference_snapshot import ReferenceSnapshot
 from keras_rdrop.src.seed_state import is_seed_key, load_seed_states, save_seed_states
 from keras_rdrop.src.stacked_passes import split_passes, stack_twice
@@ -258,7 +259,10 @@ class RDropModel(TaskPreprocessingModel):
         self.alpha_values = [host_variable(f"{name}_value") for name in host]
         self._alpha_feeds = list(zip(host, host.values(), self.alpha_values))
         # Filled by `ReferenceKLRegularizer`; holds no variables until then.
-        self.reference = ReferenceSnapshot(name="reference")
+        self.anchor = AnchorState(name="anchor")
+        self.reference = ReferenceSnapshot(
+            legacy_beta=self.anchor.restore_beta, name="reference"
+        )
         self._plans = PlanCache()
         self._check_labels = LabelCheck()
         self._loss_weights = None
@@ -351,7 +355,7 @@ class RDropModel(TaskPreprocessingModel):
 
     def _anchor_state(self) -> tuple:
         """What of the anchor a traced training step depends on."""
-        settings = self.reference.settings
+        settings = self.anchor.settings
         return (
             None if settings is None else dataclasses.astuple(settings),
             len(self.reference.ref_weights),
@@ -393,9 +397,9 @@ class RDropModel(TaskPreprocessingModel):
             return super().compute_loss(x, y, y_pred, sample_weight, training=False)
         self._traced_anchor = self._anchor_state()
         step = self._step_inputs(x, y, y_pred, sample_weight)
-        anchored = self.reference.active
-        path = select_path(step, anchored)
-        losses = path.compute(step, self.reference if anchored else None, self.model)
+        reference = self._reference_run()
+        path = select_path(step, reference is not None)
+        losses = path.compute(step, reference)
         total = losses.task_loss
         self.task_loss_tracker.update_state(
             unscale_for_distribution(losses.task_loss), sample_weight=step.batch_size
@@ -412,9 +416,16 @@ class RDropModel(TaskPreprocessingModel):
             )
         if losses.reference_kl is not None:
             total = total + weighted_penalty(
-                self.reference, losses.reference_kl, step.batch_size
+                self.anchor, losses.reference_kl, step.batch_size
             )
         return total
+
+    def _reference_run(self) -> ReferenceRun | None:
+        """θ0 and the KL's kind while the anchor is on, else `None`."""
+        settings = self.anchor.settings
+        if settings is None or not self.reference.taken:
+            return None
+        return ReferenceRun(self.reference, self.model, kl_kind(settings))
 
     def _check_step(self, y, y_pred, training) -> None:
         """Stops a step that cannot compute its loss, saying how to fix it."""
@@ -483,7 +494,7 @@ class RDropModel(TaskPreprocessingModel):
             own = set(_OWN_LOG_NAMES) | set(self._alpha_schedules)
             results = {k: v for k, v in results.items() if k not in own}
         else:
-            if not self.reference.active:
+            if self._reference_run() is None:
                 results.pop("ref_kl", None)
             if not self._rdrop_enabled():
                 results.pop("kl_loss", None)

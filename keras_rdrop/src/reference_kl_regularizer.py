@@ -245,12 +245,12 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
                 reference.extend(model.model, dtype=self.reference_dtype)
                 if self.reset_reference:
                     reference.refresh(model.model)
-        reference.settings = ReferenceSettings(
+            beta = model.anchor.ensure_beta()
+        model.anchor.settings = ReferenceSettings(
             direction=self.direction, target_kl=self.target_kl, horizon=self.horizon
         )
         # `BackupAndRestore` restores a resumed run's beta after this.
-        step = _iterations(model)
-        reference.beta.assign(self._beta_at(step))
+        beta.assign(self._beta_at(_iterations(model)))
         # The training step reads the settings when it is traced:
         # `RDropModel.make_train_function` rebuilds it if they changed.
 
@@ -277,7 +277,7 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         # A later `fit` without the anchor rebuilds the step without it.
-        self.model.reference.settings = None
+        self.model.anchor.settings = None
 
     # ------------------------------------------------------------- stepping
 
@@ -286,7 +286,7 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         if is_schedule(self.beta):
-            self.model.reference.beta.assign(self._beta_at(self._step))
+            self.model.anchor.beta.assign(self._beta_at(self._step))
 
     def on_train_batch_end(self, batch, logs=None):
         self._step += 1

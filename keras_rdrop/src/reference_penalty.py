@@ -2,8 +2,8 @@
 
 The reference's outputs come from the live model run with θ0's values
 (`ReferenceSnapshot.reference_values`) through `stateless_call`, in inference
-mode and with the gradient stopped. The KL is computed here on the general
-path (one `PairwiseTerm` per output); the fused anchor path
+mode and with the gradient stopped (`ReferenceRun` says with what). The KL is
+computed here on the general path (one `PairwiseTerm` per output); the fused anchor path
 (`fused_reference_kl`) computes it with the task loss instead. Either way,
 `weighted_penalty` logs `ref_kl`, steps an adaptive `beta` and returns
 `beta * KL`.
@@ -12,6 +12,7 @@ path (one `PairwiseTerm` per output); the fused anchor path
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import keras
 from keras import ops
@@ -37,25 +38,40 @@ class ReferenceSettings:
     horizon: float = 10000.0
 
 
-def kl_kind(snapshot) -> str:
-    """The `PairwiseTerm` kind of the snapshot's KL direction."""
-    return _KIND[snapshot.settings.direction]
+def kl_kind(settings: ReferenceSettings) -> str:
+    """The `PairwiseTerm` kind of the settings' KL direction."""
+    return _KIND[settings.direction]
 
 
-def reference_outputs(snapshot, plan, model: keras.Model, x, y_pred):
+@dataclasses.dataclass(frozen=True)
+class ReferenceRun:
+    """What a step needs to run the reference and compare with it.
+
+    Attributes:
+        snapshot: The model's `ReferenceSnapshot` (θ0).
+        model: The inner model whose weights the snapshot copies.
+        kind: The `PairwiseTerm` kind of the KL to the reference.
+    """
+
+    snapshot: Any
+    model: keras.Model
+    kind: str
+
+
+def reference_outputs(reference: ReferenceRun, plan, x, y_pred):
     """The flat live outputs and the reference's (gradient stopped) on `x`.
 
     Args:
-        snapshot: The model's `ReferenceSnapshot` (θ0).
+        reference: The snapshot and the model to run it with.
         plan: The step's per-output plan, for the outputs' names.
-        model: The inner model whose weights the snapshot copies.
         x: The batch's inputs.
         y_pred: The live outputs of the first pass on `x`.
 
     Returns:
         `(flat_live, flat_ref)`, two lists of tensors of the same shapes.
     """
-    trainable, non_trainable = snapshot.reference_values(model)
+    model = reference.model
+    trainable, non_trainable = reference.snapshot.reference_values(model)
     ref_pred, _ = model.stateless_call(trainable, non_trainable, x, training=False)
     flat_live = keras.tree.flatten(y_pred)
     flat_ref = [ops.stop_gradient(t) for t in keras.tree.flatten(ref_pred)]
@@ -91,20 +107,20 @@ def reference_kl(plan, kind: str, flat_live, flat_ref, sample_weight):
     return total
 
 
-def weighted_penalty(snapshot, total, batch_size):
+def weighted_penalty(anchor, total, batch_size):
     """`beta * total`; logs `ref_kl` and steps the adaptive `beta`.
 
     Args:
-        snapshot: The `ReferenceSnapshot` holding `beta`, the `ref_kl`
+        anchor: The model's `AnchorState`, holding `beta`, the `ref_kl`
             tracker and the anchor's settings.
         total: The step's KL to the reference (a float32 scalar).
         batch_size: The batch's size, to weigh the logged `ref_kl`.
     """
     # `total` is scaled per replica under `tf.distribute`, like the loss.
     kl = unscale_for_distribution(ops.stop_gradient(total))
-    snapshot.ref_kl_tracker.update_state(kl, sample_weight=batch_size)
-    beta = snapshot.beta.value
-    settings = snapshot.settings
+    anchor.ref_kl_tracker.update_state(kl, sample_weight=batch_size)
+    beta = anchor.beta.value
+    settings = anchor.settings
     if settings.target_kl is not None:
         # Ziegler et al. (2019): proportional control of beta toward a
         # target KL, clipped to +-20% error, over a horizon in examples.
@@ -113,5 +129,5 @@ def weighted_penalty(snapshot, total, batch_size):
         error = ops.clip(kl / settings.target_kl - 1.0, -0.2, 0.2)
         global_batch = ops.cast(batch_size, "float32") * num_replicas_in_sync()
         step = global_batch / settings.horizon
-        snapshot.beta.assign(beta * (1.0 + error * step))
+        anchor.beta.assign(beta * (1.0 + error * step))
     return beta * total

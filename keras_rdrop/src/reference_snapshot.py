@@ -117,35 +117,41 @@ def changeable_positions(model: keras.Model) -> list[int]:
 
 
 class ReferenceSnapshot(keras.layers.Layer):
-    """Holds θ0 as non-trainable variables.
+    """Holds θ0 as non-trainable variables, and nothing else.
 
-    Variables, in order: `beta` (the current weight of the penalty), then one
-    copy per weight that training can change (`changeable_positions`); the
-    positions of the copied weights in `float_weights(model)` are
-    `self.positions`. The other weights of the reference are read from the
-    live model: they are frozen, so they still hold θ0.
+    Variables: one copy per weight that training can change
+    (`changeable_positions`); the positions of the copied weights in
+    `float_weights(model)` are `self.positions`. The other weights of the
+    reference are read from the live model: they are frozen, so they still
+    hold θ0. The anchor's other state (`beta`, the `ref_kl` tracker, its
+    settings) is `anchor_state.AnchorState`.
 
     The variables are created by `take` and `extend` (and, on loading, by
     `load_own_variables`), not by Keras' `build`, so that `extend` can add
     copies after the first snapshot, when frozen layers become trainable.
+
+    Args:
+        legacy_beta: Called with the `beta` found in a file written when the
+            snapshot also held it (its first variable), to restore it where
+            it lives now (`AnchorState.restore_beta`). Defaults to `None`
+            (such a `beta` is dropped).
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, legacy_beta=None, **kwargs):
         super().__init__(trainable=False, **kwargs)
-        self.ref_kl_tracker = keras.metrics.Mean(name="ref_kl")
-        # The anchor's `reference_penalty.ReferenceSettings` while it is on.
-        self.settings = None
+        self._legacy_beta = legacy_beta
         self._value_map = None
         self.positions: list[int] | None = None
         self.ref_weights = []
         self._load_error = None
 
     @property
-    def active(self) -> bool:
-        return self.settings is not None and self.positions is not None
+    def taken(self) -> bool:
+        """Whether a snapshot was taken (or loaded)."""
+        return self.positions is not None
 
     def build(self, weight_specs=None, layouts=None):
-        """Creates `beta` and one copy per `(shape, dtype)` in `weight_specs`.
+        """Creates one copy per `(shape, dtype)` in `weight_specs`.
 
         Kept for callers of the former full-snapshot API: the copies are of
         the first `len(weight_specs)` float weights, in order. Keras locks a
@@ -157,23 +163,13 @@ class ReferenceSnapshot(keras.layers.Layer):
         self._allocate(list(range(len(specs))), specs, layouts)
 
     def _allocate(self, positions, weight_specs, layouts=None):
-        """Adds `beta` (once) and one copy per `(shape, dtype)` spec.
+        """Adds one copy per `(shape, dtype)` spec.
 
         `layouts`, one per spec, lays each copy out like the weight it copies
         (a `keras.distribution` layout, as Keras' optimizers do for their
         slots); `None` leaves it to the current distribution, if any.
         """
         if self.positions is None:
-            # `aggregation="mean"`: the adaptive controller assigns `beta`
-            # inside the replicated step under `tf.distribute`.
-            self.beta = self.add_weight(
-                shape=(),
-                initializer="zeros",
-                dtype="float32",
-                trainable=False,
-                aggregation="mean",
-                name="beta",
-            )
             self.positions = []
             self.built = True
         layouts = layouts or [None] * len(weight_specs)
@@ -288,14 +284,13 @@ class ReferenceSnapshot(keras.layers.Layer):
                 set_variable_layout(ref, layout)  # JAX: re-distributed
 
     def save_own_variables(self, store):
-        super().save_own_variables(store)  # "0": beta, then the copies
+        super().save_own_variables(store)  # "0", "1", ...: the copies
         if self.positions is not None:
             store[_POSITIONS_KEY] = np.asarray(self.positions, dtype="int64")
 
     def load_own_variables(self, store):
-        keys = set(store.keys())
-        copies = len(keys - {_POSITIONS_KEY}) - 1  # "0" is beta
-        if copies < 0:  # nothing stored for the snapshot
+        stored = _stored_snapshot(store)
+        if stored is None:  # nothing stored for the snapshot
             if self.positions is None:
                 return
             # A failure, as in Keras' own check. Keras then tries the other
@@ -306,38 +301,18 @@ class ReferenceSnapshot(keras.layers.Layer):
                 f"Layer {self.name!r} holds a reference snapshot of "
                 f"{len(self.ref_weights)} weights, but the file has none for it."
             )
-        if _POSITIONS_KEY in keys:
-            positions = [int(p) for p in np.asarray(store[_POSITIONS_KEY])]
-        else:
-            # A full snapshot (files from keras-rdrop up to 751f1f1): one copy
-            # per float weight. It loads as such: every weight stays exact.
-            positions = list(range(copies))
-        values = {p: store[f"{i + 1}"] for i, p in enumerate(positions)}
+        positions, values, beta, full = stored
         if self.positions is None:
             # A snapshot saved with the model is restored even into a fresh,
             # never-snapshotted RDropModel: build it from the stored arrays.
             specs = [(values[p].shape, str(values[p].dtype)) for p in positions]
             self._allocate(positions, specs)
         elif sorted(positions) != sorted(self.positions):
-            self._load_error = ValueError(
-                "The reference snapshot in the file copies the float weights at "
-                f"positions {sorted(positions)} of the model, but this model's "
-                f"snapshot copies {sorted(self.positions)}: the weights that are "
-                "trainable differ between the run that wrote the file and this "
-                "one. Freeze and unfreeze the same layers as in that run before "
-                "restoring it (`BackupAndRestore` restores after "
-                "`ReferenceKLRegularizer` has taken the snapshot of this run)."
-                + (
-                    ""
-                    if _POSITIONS_KEY in keys
-                    else " The file holds a full snapshot (written by keras-rdrop "
-                    "up to 751f1f1); load it with `keras.saving.load_model`, "
-                    "which restores it as a full snapshot."
-                )
-            )
+            self._load_error = _mismatch(positions, self.positions, full)
             raise self._load_error
         self._load_error = None
-        self.beta.assign(store["0"])
+        if beta is not None and self._legacy_beta is not None:
+            self._legacy_beta(beta)
         for p, ref in zip(self.positions, self.ref_weights):
             ref.assign(values[p])
         self._value_map = None
@@ -364,3 +339,51 @@ class ReferenceSnapshot(keras.layers.Layer):
             [value(v) for v in model.trainable_variables],
             [value(v) for v in model.non_trainable_variables],
         )
+
+
+def _stored_snapshot(store):
+    """`(positions, values by position, legacy beta, full)` from a store.
+
+    `None` if the store holds no snapshot. Three layouts are read: the
+    copies at "0", "1", ... with their positions (this version); `beta` at
+    "0", then the copies, with their positions (files written when the
+    snapshot also held `beta`); and `beta`, then a copy of every float
+    weight, without positions (`full`: files from keras-rdrop up to 751f1f1).
+    """
+    keys = set(store.keys())
+    count = len(keys - {_POSITIONS_KEY})
+    if _POSITIONS_KEY in keys:
+        positions = [int(p) for p in np.asarray(store[_POSITIONS_KEY])]
+        first = count - len(positions)  # 1: "0" is a legacy beta
+        if first not in (0, 1):
+            raise ValueError(
+                f"The reference snapshot in the file has {count} arrays for "
+                f"{len(positions)} positions: it is not a snapshot file."
+            )
+    elif count:
+        first, positions = 1, list(range(count - 1))
+    else:
+        return None
+    beta = store["0"] if first else None
+    values = {p: store[f"{i + first}"] for i, p in enumerate(positions)}
+    return positions, values, beta, _POSITIONS_KEY not in keys
+
+
+def _mismatch(positions, held, full: bool) -> ValueError:
+    """The error for a file whose snapshot copies other weights than `held`."""
+    return ValueError(
+        "The reference snapshot in the file copies the float weights at "
+        f"positions {sorted(positions)} of the model, but this model's "
+        f"snapshot copies {sorted(held)}: the weights that are "
+        "trainable differ between the run that wrote the file and this "
+        "one. Freeze and unfreeze the same layers as in that run before "
+        "restoring it (`BackupAndRestore` restores after "
+        "`ReferenceKLRegularizer` has taken the snapshot of this run)."
+        + (
+            " The file holds a full snapshot (written by keras-rdrop "
+            "up to 751f1f1); load it with `keras.saving.load_model`, "
+            "which restores it as a full snapshot."
+            if full
+            else ""
+        )
+    )

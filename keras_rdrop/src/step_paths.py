@@ -26,7 +26,7 @@ from keras_rdrop.src.consistency_terms import pairwise_terms
 from keras_rdrop.src.fused_cross_entropy import FUSED_LANGUAGE_MODEL
 from keras_rdrop.src.fused_reference_kl import FUSED_ANCHOR
 from keras_rdrop.src.reference_penalty import (
-    kl_kind,
+    ReferenceRun,
     reference_kl,
     reference_outputs,
 )
@@ -42,13 +42,11 @@ def _general_task_loss(step: StepInputs):
     return 0.5 * (step.task_loss_of(step.y_pred_1) + step.task_loss_of(step.y_pred_2))
 
 
-def _general_reference_kl(step: StepInputs, snapshot, model):
+def _general_reference_kl(step: StepInputs, reference: ReferenceRun):
     """The KL to the reference of every output with a term (general path)."""
-    flat_live, flat_ref = reference_outputs(
-        snapshot, step.plan, model, step.x, step.y_pred_1
-    )
+    flat_live, flat_ref = reference_outputs(reference, step.plan, step.x, step.y_pred_1)
     return reference_kl(
-        step.plan, kl_kind(snapshot), flat_live, flat_ref, step.consistency_weight
+        step.plan, reference.kind, flat_live, flat_ref, step.consistency_weight
     )
 
 
@@ -60,7 +58,7 @@ class GeneralPath:
     def applies(self, step: StepInputs, anchored: bool) -> bool:
         return True
 
-    def compute(self, step: StepInputs, snapshot=None, model=None) -> StepLosses:
+    def compute(self, step: StepInputs, reference: ReferenceRun | None) -> StepLosses:
         task_loss = _general_task_loss(step)
         terms = ()
         if step.y_pred_2 is not None:
@@ -68,8 +66,8 @@ class GeneralPath:
                 step.plan, step.y_pred_1, step.y_pred_2, step.consistency_weight
             )
         ref_kl = None
-        if snapshot is not None:
-            ref_kl = _general_reference_kl(step, snapshot, model)
+        if reference is not None:
+            ref_kl = _general_reference_kl(step, reference)
         return StepLosses(task_loss, terms, ref_kl)
 
 
@@ -82,11 +80,11 @@ class FusedRDropPath:
     def applies(self, step: StepInputs, anchored: bool) -> bool:
         return FUSED_LANGUAGE_MODEL.applies(step)
 
-    def compute(self, step: StepInputs, snapshot=None, model=None) -> StepLosses:
+    def compute(self, step: StepInputs, reference: ReferenceRun | None) -> StepLosses:
         task_loss, kl = FUSED_LANGUAGE_MODEL.compute(step)
         ref_kl = None
-        if snapshot is not None:
-            ref_kl = _general_reference_kl(step, snapshot, model)
+        if reference is not None:
+            ref_kl = _general_reference_kl(step, reference)
         return StepLosses(task_loss, ((step.plan[0], kl),), ref_kl)
 
 
@@ -99,14 +97,12 @@ class FusedAnchorPath:
     def applies(self, step: StepInputs, anchored: bool) -> bool:
         return anchored and FUSED_ANCHOR.applies(step)
 
-    def compute(self, step: StepInputs, snapshot=None, model=None) -> StepLosses:
-        _, (reference,) = reference_outputs(
-            snapshot, step.plan, model, step.x, step.y_pred_1
-        )
+    def compute(self, step: StepInputs, reference: ReferenceRun | None) -> StepLosses:
+        _, (ref_pred,) = reference_outputs(reference, step.plan, step.x, step.y_pred_1)
         if _chunked is not None:
             step = dataclasses.replace(step, chunked=_chunked)
         task_loss, rdrop_kl, ref_kl = FUSED_ANCHOR.compute(
-            step, reference, kl_kind(snapshot)
+            step, ref_pred, reference.kind
         )
         terms = () if rdrop_kl is None else ((step.plan[0], rdrop_kl),)
         return StepLosses(task_loss, terms, ref_kl)
@@ -128,7 +124,7 @@ def select_path(step: StepInputs, anchored: bool):
         anchored: Whether the anchor (`ReferenceKLRegularizer`) is on.
 
     Returns:
-        A path object with `name` and `compute(step, snapshot, model)`.
+        A path object with `name` and `compute(step, reference)`.
     """
     for path in PATHS:
         if _allowed is not None and path.name not in _allowed:

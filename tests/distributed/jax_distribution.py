@@ -127,7 +127,7 @@ def train(
             for w, r in model.reference.copies(model.model)
         },
         "final": {w.path: keras.ops.convert_to_numpy(w) for w in model.model.weights},
-        "beta": float(keras.ops.convert_to_numpy(model.reference.beta.value)),
+        "beta": float(keras.ops.convert_to_numpy(model.anchor.beta.value)),
     }
 
 

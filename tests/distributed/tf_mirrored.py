@@ -98,7 +98,7 @@ def train(strategy, alpha, sample_weight=None, frozen_body=False, **callback_kwa
         "copied": [w.numpy() for w, _ in model.reference.copies(inner)],
         "copied_count": len(model.reference.copies(inner)),
         "reference": [r.numpy() for _, r in model.reference.copies(inner)],
-        "beta": float(model.reference.beta.numpy()),
+        "beta": float(model.anchor.beta.numpy()),
         "weight_class": type(inner.weights[0].value).__name__,
         "reference_classes": sorted(
             {type(r.value).__name__ for _, r in model.reference.copies(inner)}
