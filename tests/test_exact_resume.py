@@ -280,3 +280,38 @@ def test_no_torch_state_on_the_other_backends():
     store = {}
     make(0, inner="unseeded").save_own_variables(store)
     assert sorted(store) == ["seed_state_0", "seed_state_1"]
+
+
+@pytest.mark.torch
+def test_a_wrapped_torch_dropout_resumes_exactly(tmp_path):
+    """`nn.Dropout` in a `TorchModuleWrapper` draws from torch's global
+    generator too: its masks are in the checkpoint as well."""
+    import warnings
+
+    import torch
+
+    def wrapped(seed):
+        keras.utils.set_random_seed(seed)
+        module = torch.nn.Sequential(
+            torch.nn.Linear(8, 16),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.4),
+            torch.nn.Linear(16, NUM_CLASSES),
+        )
+        inner = keras.Sequential(
+            [keras.Input((8,)), keras.layers.TorchModuleWrapper(module)]
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # no Keras Dropout
+            model = RDropModel(inner, alpha=1.0)
+        model.compile(optimizer="adam", loss=sparse_ce())
+        return model
+
+    reference = train(wrapped(0), [])
+    backup = str(tmp_path / "backup")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(wrapped(0), [keras.callbacks.BackupAndRestore(backup), Interrupt()])
+    resumed = train(wrapped(7), [keras.callbacks.BackupAndRestore(backup)])
+    assert reference.model.weights
+    for a, b in zip(resumed.model.weights, reference.model.weights, strict=True):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
