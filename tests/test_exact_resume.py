@@ -9,6 +9,10 @@ The exact comparisons here are sound on any CPU: both runs execute the same
 ops, on the same shapes, in the same order, in one process (a resumed step is
 the step the uninterrupted run takes), and saved and loaded values are copies.
 Seed states are integers.
+
+On torch, an unseeded `Dropout` draws from torch's global generator (Keras'
+fast path, `torch.nn.functional.dropout`), whose state RDropModel saves too:
+the same exact resume holds there.
 """
 
 import keras
@@ -19,6 +23,8 @@ from keras_rdrop import RDropModel, ReferenceKLRegularizer
 from keras_rdrop.src import seed_state
 from tests.models import NUM_CLASSES, classification_data, mlp, sparse_ce
 from tests.testing import to_numpy
+
+TORCH_CPU_KEY = "seed_state_torch_cpu_rank0"
 
 
 class Interrupt(keras.callbacks.Callback):
@@ -89,16 +95,16 @@ def interrupted_and_resumed(tmp_path, anchor=False, **kwargs):
 
 @pytest.mark.parametrize(
     "inner, mode",
-    [("seeded", "concat"), ("seeded", "sequential"), ("unseeded", "concat")],
+    [
+        ("seeded", "concat"),
+        ("seeded", "sequential"),
+        ("unseeded", "concat"),
+        ("unseeded", "sequential"),
+    ],
 )
 def test_resumed_run_is_bitwise_the_uninterrupted_one(tmp_path, inner, mode):
-    if inner == "unseeded" and keras.backend.backend() == "torch":
-        pytest.skip(
-            "Keras' torch backend draws `Dropout(seed=None)` masks from torch's "
-            "global generator (`torch.nn.functional.dropout`), not from the "
-            "layer's SeedGenerator, so no model checkpoint holds them: give "
-            "Dropout a seed for an exact resume on torch"
-        )
+    # "unseeded" on torch: the masks come from torch's global generator,
+    # whose state the checkpoint holds.
     reference = train(make(0, inner=inner, mode=mode), [])
     resumed = interrupted_and_resumed(tmp_path, inner=inner, mode=mode)
     # Every variable: weights and the seed states themselves.
@@ -186,7 +192,10 @@ def test_a_file_from_another_architecture_is_an_error(tmp_path):
     model.save_weights(path)
     store = {}
     model.save_own_variables(store)
-    assert sorted(store) == ["seed_state_0", "seed_state_1"]
+    assert sorted(k for k in store if not k.startswith("seed_state_torch_")) == [
+        "seed_state_0",
+        "seed_state_1",
+    ]
     other = make(0)  # one generator
     with pytest.raises(ValueError, match="holds 2 dropout seed states"):
         other.load_own_variables(store)
@@ -208,3 +217,101 @@ def test_backups_within_an_epoch_replay_the_epoch(tmp_path):
     # then ran epochs 1 and 2 in full.
     assert int(to_numpy(reference.optimizer.iterations)) == 18
     assert int(to_numpy(resumed.optimizer.iterations)) == 6 + 4 + 12
+
+
+@pytest.mark.torch
+def test_without_torchs_generator_state_an_unseeded_resume_differs(
+    tmp_path, monkeypatch
+):
+    """The control for torch's `Dropout(seed=None)`: Keras draws its masks
+    from torch's global generator; without its saved state the resumed run
+    differs (seen: 1.3e-2 in a user's run, 6e-3 here)."""
+    reference = train(make(0, inner="unseeded"), [])
+    monkeypatch.setattr(seed_state, "_torch_generator_states", lambda: {})
+    resumed = interrupted_and_resumed(tmp_path, inner="unseeded")
+    weights = zip(resumed.model.weights, reference.model.weights)
+    assert any(not np.array_equal(to_numpy(a), to_numpy(b)) for a, b in weights)
+
+
+@pytest.mark.torch
+def test_checkpoints_hold_torchs_generator_state(tmp_path):
+    import torch
+
+    model = make(0, inner="unseeded")
+    store = {}
+    model.save_own_variables(store)
+    saved = torch.random.get_rng_state().numpy()
+    np.testing.assert_array_equal(store[TORCH_CPU_KEY], saved)
+    assert store[TORCH_CPU_KEY].dtype == np.uint8
+    assert [k for k in store if "cuda" in k] == (
+        [f"seed_state_torch_cuda{d}_rank0" for d in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else []
+    )
+    path = str(tmp_path / "w.weights.h5")
+    model.save_weights(path)
+    torch.rand(100)  # moves the generator on
+    assert not np.array_equal(torch.random.get_rng_state().numpy(), saved)
+    make(7, inner="unseeded").load_weights(path)
+    np.testing.assert_array_equal(torch.random.get_rng_state().numpy(), saved)
+
+
+@pytest.mark.torch
+def test_files_without_torchs_state_or_from_another_rank_leave_it(tmp_path):
+    """Older files, and a file another rank wrote: the generator is untouched."""
+    import torch
+
+    model = make(0, inner="unseeded")
+    store = {}
+    model.save_own_variables(store)
+    other_rank = dict(store)
+    other_rank["seed_state_torch_cpu_rank1"] = other_rank.pop(TORCH_CPU_KEY)
+    older = {k: v for k, v in store.items() if not k.startswith("seed_state_torch_")}
+    for written in (older, other_rank):
+        torch.rand(100)
+        before = torch.random.get_rng_state().numpy()
+        model.load_own_variables(written)
+        np.testing.assert_array_equal(torch.random.get_rng_state().numpy(), before)
+
+
+@pytest.mark.tensorflow
+@pytest.mark.jax
+def test_no_torch_state_on_the_other_backends():
+    store = {}
+    make(0, inner="unseeded").save_own_variables(store)
+    assert sorted(store) == ["seed_state_0", "seed_state_1"]
+
+
+@pytest.mark.torch
+def test_a_wrapped_torch_dropout_resumes_exactly(tmp_path):
+    """`nn.Dropout` in a `TorchModuleWrapper` draws from torch's global
+    generator too: its masks are in the checkpoint as well."""
+    import warnings
+
+    import torch
+
+    def wrapped(seed):
+        keras.utils.set_random_seed(seed)
+        module = torch.nn.Sequential(
+            torch.nn.Linear(8, 16),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(0.4),
+            torch.nn.Linear(16, NUM_CLASSES),
+        )
+        inner = keras.Sequential(
+            [keras.Input((8,)), keras.layers.TorchModuleWrapper(module)]
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # no Keras Dropout
+            model = RDropModel(inner, alpha=1.0)
+        model.compile(optimizer="adam", loss=sparse_ce())
+        return model
+
+    reference = train(wrapped(0), [])
+    backup = str(tmp_path / "backup")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(wrapped(0), [keras.callbacks.BackupAndRestore(backup), Interrupt()])
+    resumed = train(wrapped(7), [keras.callbacks.BackupAndRestore(backup)])
+    assert reference.model.weights
+    for a, b in zip(resumed.model.weights, reference.model.weights, strict=True):
+        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))

@@ -9,6 +9,19 @@ resumed run draws other dropout masks than an uninterrupted one.
 `RDropModel.save_own_variables` stores them next to its own variables with
 `save_seed_states`, and `load_own_variables` restores them with
 `load_seed_states`, so that a resumed run draws the same masks.
+
+On the torch backend an unseeded `Dropout` (`seed=None`) does not use its
+seed generator: Keras' `keras.src.backend.torch.random.dropout` takes torch's
+fast path, `torch.nn.functional.dropout`, which draws from torch's global
+generators (the CPU one, or CUDA's for tensors on a GPU). `save_seed_states`
+therefore also stores, on torch, the CPU generator state
+(`torch.random.get_rng_state()`) and, where CUDA is available, every CUDA
+device's (`torch.cuda.get_rng_state_all()`), as PyTorch Lightning's
+checkpoints do. These states belong to the process: the keys name the
+process's rank in `torch.distributed` (0 without it), and a process restores
+only its own rank's, so that a file written by another rank (or a file
+without them, written before keras-rdrop saved them) leaves the generators
+as they are.
 """
 
 from __future__ import annotations
@@ -17,6 +30,10 @@ import keras
 import numpy as np
 
 KEY_PREFIX = "seed_state_"
+# The torch generator states: `seed_state_torch_cpu_rank{R}` and
+# `seed_state_torch_cuda{D}_rank{R}` (CUDA device D), so that `is_seed_key`
+# holds for them and RDropModel keeps them out of its own variables.
+TORCH_PREFIX = f"{KEY_PREFIX}torch_"
 
 
 def seed_states(model: keras.Model) -> list:
@@ -49,6 +66,9 @@ def save_seed_states(model: keras.Model, store) -> None:
     """
     for i, variable in enumerate(seed_states(model)):
         store[f"{KEY_PREFIX}{i}"] = keras.ops.convert_to_numpy(variable.value)
+    if keras.backend.backend() == "torch":
+        for key, value in _torch_generator_states().items():
+            store[key] = value
 
 
 def load_seed_states(model: keras.Model, store) -> None:
@@ -65,7 +85,9 @@ def load_seed_states(model: keras.Model, store) -> None:
         ValueError: If the store holds seed states for another number of
             seed generators than `model` has.
     """
-    keys = [key for key in store.keys() if is_seed_key(key)]
+    if keras.backend.backend() == "torch":
+        _restore_torch_generator_states(store)
+    keys = [key for key in store.keys() if _is_generator_key(key)]
     if not keys:
         return
     variables = seed_states(model)
@@ -79,3 +101,48 @@ def load_seed_states(model: keras.Model, store) -> None:
     for i, variable in enumerate(variables):
         value = np.asarray(store[f"{KEY_PREFIX}{i}"])
         variable.assign(value.astype(keras.backend.standardize_dtype(variable.dtype)))
+
+
+def _is_generator_key(key: str) -> bool:
+    """Whether `key` names a seed generator's state (`seed_state_{i}`)."""
+    return is_seed_key(key) and key[len(KEY_PREFIX) :].isdigit()
+
+
+def _torch_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _torch_generator_states() -> dict:
+    """This process's torch generator states, by store key (uint8 arrays)."""
+    import torch
+
+    rank = _torch_rank()
+    states = {f"{TORCH_PREFIX}cpu_rank{rank}": torch.random.get_rng_state().numpy()}
+    if torch.cuda.is_available():
+        for device, state in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"{TORCH_PREFIX}cuda{device}_rank{rank}"] = state.numpy()
+    return states
+
+
+def _restore_torch_generator_states(store) -> None:
+    """Sets torch's generators to this rank's states in `store`, if any.
+
+    A CUDA state is restored if its device is present.
+    """
+    import torch
+
+    rank = _torch_rank()
+    keys = set(store.keys())
+
+    def state(name):
+        value = np.asarray(store[f"{TORCH_PREFIX}{name}_rank{rank}"], dtype=np.uint8)
+        return torch.from_numpy(value.copy())
+
+    if f"{TORCH_PREFIX}cpu_rank{rank}" in keys:
+        torch.random.set_rng_state(state("cpu"))
+    if torch.cuda.is_available():
+        for device in range(torch.cuda.device_count()):
+            if f"{TORCH_PREFIX}cuda{device}_rank{rank}" in keys:
+                torch.cuda.set_rng_state(state(f"cuda{device}"), device)
