@@ -85,7 +85,12 @@ KERAS_VERSION_DEPENDENT = {
     "test_exact_resume.py": {
         "test_resumed_run_is_bitwise_the_uninterrupted_one",
         "test_checkpoints_hold_the_seed_states",
+        # Keras' torch dropout draws from torch's global generator.
+        "test_without_torchs_generator_state_an_unseeded_resume_differs",
+        "test_a_wrapped_torch_dropout_resumes_exactly",
     },
+    # BackupAndRestore across processes (keras.distribution, torch DDP).
+    "test_multiprocess_resume.py": None,
 }
 
 
