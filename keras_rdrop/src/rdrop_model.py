@@ -52,6 +52,30 @@ def _validate_alpha(alpha: Any, name: str = "alpha"):
     return validate_alpha(alpha, name)
 
 
+def _check_model(model) -> None:
+    """Raises a `TypeError` unless `model` is a Keras model not yet wrapped."""
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "`model` should be a `keras.Model` (Sequential, functional, "
+            "subclassed or a keras-hub task). Received: "
+            f"model={model!r} of type {type(model).__name__}"
+        )
+    if isinstance(model, RDropModel):
+        raise TypeError(
+            "`model` is already an `RDropModel`. Wrap the inner model once."
+        )
+
+
+def _check_from_logits(from_logits) -> None:
+    """Raises a `TypeError` unless `from_logits` is None, a bool or a dict."""
+    if from_logits is not None and not isinstance(from_logits, (bool, dict)):
+        raise TypeError(
+            "`from_logits` should be None (read it from the compiled loss), a "
+            f"bool, or a dict keyed by output name. Received: "
+            f"from_logits={from_logits!r}"
+        )
+
+
 @keras.saving.register_keras_serializable(package="keras_rdrop")
 class RDropModel(TaskPreprocessingModel):
     """Wraps any Keras model to train it with R-Drop.
@@ -213,26 +237,12 @@ class RDropModel(TaskPreprocessingModel):
         check_output_activation: bool = True,
         **kwargs,
     ):
-        if not isinstance(model, keras.Model):
-            raise TypeError(
-                "`model` should be a `keras.Model` (Sequential, functional, "
-                "subclassed or a keras-hub task). Received: "
-                f"model={model!r} of type {type(model).__name__}"
-            )
-        if isinstance(model, RDropModel):
-            raise TypeError(
-                "`model` is already an `RDropModel`. Wrap the inner model once."
-            )
+        _check_model(model)
         if mode not in MODES:
             raise ValueError(
                 f"`mode` should be one of {MODES}. Received: mode={mode!r}"
             )
-        if from_logits is not None and not isinstance(from_logits, (bool, dict)):
-            raise TypeError(
-                "`from_logits` should be None (read it from the compiled loss), a "
-                f"bool, or a dict keyed by output name. Received: "
-                f"from_logits={from_logits!r}"
-            )
+        _check_from_logits(from_logits)
         validate_bool(regression_consistency, "regression_consistency")
         validate_bool(consistency_on_all_rows, "consistency_on_all_rows")
         validate_bool(check_output_activation, "check_output_activation")
