@@ -90,6 +90,6 @@ def assert_same_training(actual, expected):
 
 def consistency(model, y_pred_1, y_pred_2, sample_weight=None):
     """The general path's consistency terms of `model` between two passes."""
-    plan = model._plans.get(model, y_pred_1)
+    plan = model._plans.get(model.model, model.loss, model._plan_settings(), y_pred_1)
     terms = pairwise_terms(plan, y_pred_1, y_pred_2, sample_weight)
     return weigh_terms(terms, model.alpha, {})

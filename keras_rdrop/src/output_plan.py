@@ -292,6 +292,16 @@ def _declared_by(loss: Any, override: bool | None) -> str:
     return f"the compiled loss {type(loss).__name__}"
 
 
+@dataclasses.dataclass(frozen=True)
+class PlanSettings:
+    """RDropModel's arguments that a plan depends on (`build_plan`)."""
+
+    alpha: Any
+    from_logits: Any
+    regression_consistency: bool
+    check_output_activation: bool
+
+
 class PlanCache:
     """The plan of each output structure, built once for a model.
 
@@ -309,32 +319,37 @@ class PlanCache:
     def clear(self) -> None:
         self._plans.clear()
 
-    def get(self, model, y_pred) -> tuple[OutputEntry, ...]:
-        """The plan of `model` (an RDropModel) for outputs shaped like `y_pred`."""
-        inner = model.model
+    def get(
+        self, inner: keras.Model, loss, settings: PlanSettings, y_pred
+    ) -> tuple[OutputEntry, ...]:
+        """The plan of `inner` compiled with `loss`, for outputs like `y_pred`.
+
+        Args:
+            inner: The model whose outputs the plan covers.
+            loss: The compiled loss.
+            settings: What of RDropModel's own arguments the plan reads.
+            y_pred: The outputs of one pass.
+        """
         traced = not values_readable(keras.tree.flatten(y_pred)[0])
         key = (
             None
             if traced
             else (
-                id(model.loss),
+                id(loss),
                 str(keras.tree.map_structure(lambda _: 0, y_pred)),
-                repr(model.alpha),
-                repr(model.from_logits),
-                model.regression_consistency,
-                model.check_output_activation,
+                repr(settings),
             )
         )
         plan = None if traced else self._plans.get(key)
         if plan is None:
             plan = build_plan(
-                model.loss,
+                loss,
                 y_pred,
                 getattr(inner, "output_names", None),
-                plan_alpha(model.alpha),
-                model.from_logits,
-                model.regression_consistency,
-                output_activations(inner) if model.check_output_activation else None,
+                plan_alpha(settings.alpha),
+                settings.from_logits,
+                settings.regression_consistency,
+                output_activations(inner) if settings.check_output_activation else None,
                 output_layer_names(inner),
             )
             if not traced:

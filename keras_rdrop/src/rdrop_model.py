@@ -29,7 +29,7 @@ from keras_rdrop.src.keras_hub_pipeline import TaskPreprocessingModel
 from keras_rdrop.src.keras_internals import additional_losses, unscale_for_distribution
 from keras_rdrop.src.label_checks import LabelCheck
 from keras_rdrop.src.model_checks import has_stochastic_layer, validate_bool
-from keras_rdrop.src.output_plan import PlanCache
+from keras_rdrop.src.output_plan import PlanCache, PlanSettings
 from keras_rdrop.src.reference_penalty import ReferenceRun, kl_kind, weighted_penalty
 from keras_rdrop.src.reference_snapshot import ReferenceSnapshot
 from keras_rdrop.src.seed_state import is_seed_key, load_seed_states, save_seed_states
@@ -474,12 +474,22 @@ class RDropModel(TaskPreprocessingModel):
             sample_weight=sample_weight,
             consistency_weight=None if self.consistency_on_all_rows else sample_weight,
             batch_size=ops.shape(keras.tree.flatten(x)[0])[0],
-            plan=self._plans.get(self, y_pred_1),
+            plan=self._plans.get(
+                self.model, self.loss, self._plan_settings(), y_pred_1
+            ),
             loss=self.loss,
             loss_weights=self._loss_weights,
             task_loss_of=self._task_loss_of(x, y, sample_weight),
             additional_losses=additional_losses(self),
             chunked=chunked_for(self),
+        )
+
+    def _plan_settings(self) -> PlanSettings:
+        return PlanSettings(
+            alpha=self.alpha,
+            from_logits=self.from_logits,
+            regression_consistency=self.regression_consistency,
+            check_output_activation=self.check_output_activation,
         )
 
     def _task_loss_of(self, x, y, sample_weight):
