@@ -7,7 +7,10 @@ here from the committed result files, never typed by hand:
   `rdrop_bench.stats.summarize`, the function behind `bench.py --report`),
 - the tables the example scripts write: `examples/RESULTS.md` (the default
   demo), `examples/RESULTS_FULL.md` (the full protocol; its per-run records
-  are `examples/runs/*.json`) and `examples/HUB_RESULTS.md`.
+  are `examples/runs/*.json`) and `examples/HUB_RESULTS.md`,
+- `examples/results/text_tasks.json`, the records behind
+  `examples/results/text_tasks.md` ("When does R-Drop help?"), read with the
+  same formatting as that table.
 
 How to quote a number (for contributors):
 
@@ -37,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "numbers.md"
 BENCH = ROOT / "benchmarks" / "results"
 EXAMPLES = ROOT / "examples"
+TEXT_TASKS = EXAMPLES / "results" / "text_tasks.json"
 
 # `<!--n:KEY-->VALUE`: the marker and the number right after it.
 QUOTE = re.compile(r"<!--n:([\w.@+-]+)-->([-+−]?\d[\d,]*(?:\.\d+)?(?:/\d+)?)")
@@ -434,6 +439,170 @@ def example_entries() -> list[Entry]:
     return out
 
 
+def _pts(values, signed: bool = True) -> str:
+    """Mean of fractions in points, as `examples/text_tasks.py` prints it."""
+    return f"{100 * statistics.fmean(values):{'+' if signed else ''}.2f}"
+
+
+def _p(value) -> str:
+    """A p-value as `examples/text_tasks.py` prints it."""
+    return f"{value:.3f}" if value < 0.01 else f"{value:.2f}"
+
+
+def text_task_entries() -> list[Entry]:
+    """ "When does R-Drop help?": 4 text tasks, R-Drop at the validation-chosen
+    alpha minus the baseline, from the records of `examples/text_tasks.py`."""
+    run = json.loads(TEXT_TASKS.read_text(encoding="utf-8"))
+    src = str(TEXT_TASKS.relative_to(ROOT))
+    commit = ",".join(sorted({r["commit"] for r in run["runs"]}))
+    summary = {task: s for task, s in run["summary"].items() if s}
+    out = []
+
+    def add(key, value, what):
+        out.append(Entry(f"tasks.{key}", value, what, src, commit))
+
+    for task, s in summary.items():
+        title = run["data"][task]["title"]
+        seeds = len(s["seeds"])
+        head = f"{title} (frozen MiniLM + head, {seeds} seeds)"
+        add(
+            f"{task}.baseline.acc",
+            _pts(s["base_accuracy"], signed=False),
+            f"{head}: baseline test accuracy (%)",
+        )
+        add(
+            f"{task}.rdrop.delta",
+            _pts(s["diff_accuracy"]),
+            f"{head}: R-Drop at the validation-chosen alpha − baseline, "
+            "test accuracy (points), mean over seeds",
+        )
+        add(
+            f"{task}.rdrop.delta_std",
+            f"{100 * statistics.stdev(s['diff_accuracy']):.2f}",
+            f"{head}: std over seeds of that paired difference (points)",
+        )
+        add(
+            f"{task}.rdrop.wins",
+            f"{s['tests']['wins']}/{seeds}",
+            f"{head}: seeds where R-Drop's test accuracy was higher",
+        )
+        add(
+            f"{task}.rdrop.t_p",
+            _p(s["tests"]["t_p"]),
+            f"{head}: paired t-test p (two-sided) of the accuracy difference",
+        )
+        add(
+            f"{task}.rdrop.ece_delta",
+            _pts(s["diff_ece"]),
+            f"{head}: R-Drop − baseline, test ECE (points, 15 bins)",
+        )
+        add(
+            f"{task}.step_ratio",
+            f"{s['step_time_ratio']:.2f}",
+            f"{head}: R-Drop step / baseline step (median seconds per step)",
+        )
+
+    tasks = list(summary)
+    means = [statistics.fmean(summary[t]["diff_accuracy"]) for t in tasks]
+    label = f"All {len(tasks)} text tasks"
+
+    def across(key: str) -> float:
+        """The mean over tasks of the mean over seeds of `key`."""
+        return statistics.fmean(statistics.fmean(summary[t][key]) for t in tasks)
+
+    add(
+        "all.delta",
+        f"{100 * statistics.fmean(means):+.2f}",
+        f"{label}: mean over tasks of the mean R-Drop − baseline test accuracy "
+        "(points)",
+    )
+    add(
+        "all.ahead",
+        f"{sum(m > 0 for m in means)}/{len(tasks)}",
+        f"{label}: tasks where R-Drop's mean test accuracy was higher",
+    )
+    add(
+        "all.ece_delta",
+        f"{100 * across('diff_ece'):+.2f}",
+        f"{label}: mean over tasks of the R-Drop − baseline test ECE (points)",
+    )
+    p_values = [summary[t]["tests"]["t_p"] for t in tasks]
+    add("all.t_p.min", _p(min(p_values)), f"{label}: smallest paired-t p")
+    add("all.t_p.max", _p(max(p_values)), f"{label}: largest paired-t p")
+    ratios = [summary[t]["step_time_ratio"] for t in tasks]
+    add(
+        "all.step_ratio.min",
+        f"{min(ratios):.2f}",
+        f"{label}: smallest R-Drop / baseline step time",
+    )
+    add(
+        "all.step_ratio.max",
+        f"{max(ratios):.2f}",
+        f"{label}: largest R-Drop / baseline step time",
+    )
+    for arm, key, name in (
+        ("base", "baseline", "baseline"),
+        ("rdrop", "rdrop", "R-Drop"),
+    ):
+        add(
+            f"all.steps.{key}",
+            f"{across(f'{arm}_steps'):.0f}",
+            f"{label}: {name}'s steps to its best validation epoch, mean over "
+            "tasks of the mean over seeds",
+        )
+    chosen = [a for t in tasks for a in summary[t]["chosen_alpha"]]
+    for alpha in run["alphas"][1:]:
+        add(
+            f"all.chosen.alpha{alpha:g}",
+            f"{chosen.count(alpha)}/{len(chosen)}",
+            f"{label}: seeds whose validation choice was alpha = {alpha:g}",
+        )
+    for alpha in run["alphas"][1:]:
+        fixed = [
+            next(c for a, c in summary[t]["fixed"].items() if float(a) == alpha)
+            for t in tasks
+        ]
+        fixed_means = [statistics.fmean(c["diff_accuracy"]) for c in fixed]
+        add(
+            f"all.fixed.alpha{alpha:g}.delta",
+            f"{100 * statistics.fmean(fixed_means):+.2f}",
+            f"{label}: R-Drop at the fixed alpha {alpha:g} − baseline, mean over "
+            "tasks of the mean test accuracy difference (points)",
+        )
+        add(
+            f"all.fixed.alpha{alpha:g}.ahead",
+            f"{sum(m > 0 for m in fixed_means)}/{len(tasks)}",
+            f"{label}: tasks where R-Drop at the fixed alpha {alpha:g} had the "
+            "higher mean test accuracy",
+        )
+        add(
+            f"all.fixed.alpha{alpha:g}.t_p.min",
+            _p(min(c["tests"]["t_p"] for c in fixed)),
+            f"{label}: smallest paired-t p over tasks at the fixed alpha {alpha:g}",
+        )
+    cells = [(t, a, summary[t]["fixed"][a]) for t in tasks for a in summary[t]["fixed"]]
+    hits = [(t, a, c) for t, a, c in cells if c["tests"]["t_p"] < 0.05]
+    add(
+        "all.fixed.p_below_0.05",
+        f"{len(hits)}/{len(cells)}",
+        f"{label}: fixed-alpha cells (task × alpha) whose paired-t p < 0.05",
+    )
+    for t, a, c in hits:
+        title = run["data"][t]["title"]
+        add(
+            f"{t}.fixed.alpha{float(a):g}.delta",
+            _pts(c["diff_accuracy"]),
+            f"{title}: R-Drop at the fixed alpha {float(a):g} − baseline, test "
+            "accuracy (points)",
+        )
+        add(
+            f"{t}.fixed.alpha{float(a):g}.t_p",
+            _p(c["tests"]["t_p"]),
+            f"{title}: paired-t p of that difference",
+        )
+    return out
+
+
 def _row_by_beta(path: Path, heading: str, beta: str) -> dict:
     """The row of an anchor table whose `beta` column is `beta`, by column."""
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -452,7 +621,7 @@ def _row_by_beta(path: Path, heading: str, beta: str) -> dict:
 
 
 def entries() -> list[Entry]:
-    return bench_entries() + example_entries()
+    return bench_entries() + example_entries() + text_task_entries()
 
 
 def render(rows: list[Entry]) -> str:
