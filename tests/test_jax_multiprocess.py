@@ -2,11 +2,15 @@
 
 `keras.distribution.initialize` joins two processes into one JAX cluster (one
 CPU device each); `DataParallel(auto_shard_dataset=False)` spans both, and
-each process passes its own NumPy shard of every batch. The runs happen in
+each process passes its own NumPy shard of every batch. The same two
+processes also run `ModelParallel` (the hidden Dense layer split across
+them) and, where TensorFlow is installed, a `tf.data.Dataset` auto-sharded by
+the default `DataParallel()`. The runs happen in
 tests/distributed/jax_multiprocess.py, started from here: both processes
 once for all runs, and one process on the global batch to compare with.
 """
 
+import importlib.util
 import json
 import os
 import socket
@@ -29,8 +33,18 @@ PROCESSES = 2
 MODES = ["sequential", "concat"]
 TRAINING = [f"{case}:{mode}" for case in ("fixed", "dropout") for mode in MODES]
 SINGLE_RUNS = TRAINING
+MODEL_PARALLEL = [f"model_parallel:{mode}" for mode in MODES]
+# tf.data needs TensorFlow, which the JAX tox envs do not install: there the
+# worker is not asked for these runs, and their test skips.
+HAS_TENSORFLOW = importlib.util.find_spec("tensorflow") is not None
+TFDATA = [f"tfdata:{mode}" for mode in MODES] if HAS_TENSORFLOW else []
+NO_TENSORFLOW = (
+    "tf.data needs TensorFlow, which the JAX env does not install; "
+    "auto-sharding of a tf.data dataset across processes is Keras' own "
+    "DataParallel path"
+)
 # Last: it sets the default DataParallel, and stops at its error.
-MULTI_RUNS = [*TRAINING, "auto_shard"]
+MULTI_RUNS = [*TRAINING, *MODEL_PARALLEL, *TFDATA, "auto_shard"]
 # Two processes against one: the same float32 math with the batch split
 # across devices and a gloo all-reduce, so round-off differs (seen: 6e-8).
 RTOL, ATOL = 1e-5, 1e-6
@@ -203,3 +217,65 @@ def test_default_data_parallel_asks_for_a_dataset_with_numpy_input(results):
         # Keras' message (3.15 and 3.16 word the rest differently).
         assert "the data must be provided as a `tf.data.Dataset`" in error
         assert "auto_shard_dataset = False" in error
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_model_parallel_matches_one_process_on_the_global_batch(mode, results):
+    # ModelParallel over a (1, 2) mesh: "batch" has size 1 (every process
+    # passes the whole global batch), and "model" splits the hidden Dense
+    # kernel's columns and its bias in two, one half per process.
+    (single,) = _run(results, f"fixed:{mode}", 1)
+    processes = _run(results, f"model_parallel:{mode}", 2)
+    assert single["history"]["ref_kl"][-1] > 1e-3  # the anchor is at work
+    for result in processes:
+        assert result["distribution"] == "ModelParallel"
+        kernel = result["weight_layouts"][
+            result["paths"].index("sequential/hidden/kernel")
+        ]
+        # The split is real: each process holds 8 of the 16 columns.
+        assert kernel == {
+            "spec": [None, "model"],
+            "shard_shape": [8, 8],  # of the (8, 16) kernel
+            "local_shape": [8, 8],
+        }
+        # The gathered weights: the same math as one process, with the
+        # hidden layer's matmul and its gradient split across the processes
+        # (round-off may differ: RTOL/ATOL).
+        _assert_matches(result, single)
+        # Bitwise: JAX's random bits do not depend on the sharding
+        # (partitionable threefry, the default), so the sharded initializer
+        # gives the one-process run's θ0; the snapshot is a copy of it.
+        for got, expected in zip(result["theta0"], single["theta0"], strict=True):
+            np.testing.assert_array_equal(got, expected)
+        for got, expected in zip(result["snapshot"], result["theta0"], strict=True):
+            np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_model_parallel_snapshot_copies_are_laid_out_like_their_weights(mode, results):
+    for result in _run(results, f"model_parallel:{mode}", 2):
+        positions = result["positions"]
+        assert positions == list(range(len(result["paths"])))  # all trainable
+        # The copies' own paths ("reference/ref_0", ...) match no key of the
+        # layout map: left to the distribution, they would be replicated
+        # (seen with the snapshot's layout reading patched out). The
+        # snapshot creates each copy with its weight's layout.
+        assert not any("hidden/" in path for path in result["snapshot_paths"])
+        expected = [result["weight_layouts"][p] for p in positions]
+        assert result["snapshot_layouts"] == expected
+        assert any("model" in layout["spec"] for layout in expected)
+        assert result["snapshot_layout_equivalent"] == [True] * len(positions)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tfdata_auto_sharded_across_processes_matches_one_process(mode, results):
+    pytest.importorskip("tensorflow", reason=NO_TENSORFLOW)
+    # The default DataParallel() rebatches the global batches to per-process
+    # batches and gives process p every other one, starting at p: the
+    # processes' pieces of step s, end to end, are the global batch s.
+    (single,) = _run(results, f"fixed:{mode}", 1)
+    for result in _run(results, f"tfdata:{mode}", 2):
+        assert result["distribution"] == "DataParallel"
+        _assert_matches(result, single)
+        for got, expected in zip(result["snapshot"], single["snapshot"], strict=True):
+            np.testing.assert_array_equal(got, expected)

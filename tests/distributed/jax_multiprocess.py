@@ -18,11 +18,26 @@ is R-Drop's `sequential` or `concat`. Every run has the anchor
 (`ReferenceKLRegularizer`) in its callbacks, and runs under
 `keras.distribution.DataParallel(auto_shard_dataset=False)` over the devices
 of all processes (one CPU device each), every process passing its own NumPy
-shard. The run `auto_shard` (last) sets the default `DataParallel()` and
-records the error that `fit` on NumPy arrays raises.
+shard. Two other kinds of run, for processes only:
 
-Each process writes OUT_DIR/CASE-MODE-processP.json (or CASE-MODE-single.json)
-with its history, its own copy of the weights and the snapshot, and θ0.
+- `model_parallel:MODE`: the `fixed` case under `ModelParallel` over a
+  (1, 2) mesh ("batch", "model"): the hidden Dense kernel and bias are split
+  over "model", one half on each process, and everything else is replicated.
+  The "batch" axis has size 1: every process passes the whole global batch.
+  The weights, θ0 and the snapshot are gathered from both processes, and the
+  layouts (`jax.Array.sharding`) of each weight and of its snapshot copy are
+  recorded.
+- `tfdata:MODE`: the `fixed` case on a `tf.data.Dataset` of the global data,
+  batched with the global batch size, under the default `DataParallel()`,
+  which auto-shards it across the processes. It needs TensorFlow (imported
+  here only).
+
+The run `auto_shard` (last) sets the default `DataParallel()` and records the
+error that `fit` on NumPy arrays raises.
+
+Each process writes OUT_DIR/RUN-processP.json (or RUN-single.json; `:` in RUN
+becomes `-`) with its history, its own copy of the weights and the snapshot,
+and θ0.
 """
 
 import json
@@ -72,7 +87,7 @@ def build(case):
     keras.utils.set_random_seed(0)
     layers = [
         keras.Input((FEATURES,)),
-        keras.layers.Dense(HIDDEN, activation="relu"),
+        keras.layers.Dense(HIDDEN, activation="relu", name="hidden"),
     ]
     if case == "dropout":
         layers.append(keras.layers.Dropout(0.3))
@@ -123,6 +138,97 @@ def train(case, mode, process, processes):
     }
 
 
+def model_parallel_distribution():
+    """`ModelParallel` over a (1, 2) mesh: the hidden Dense layer split in two."""
+    mesh = keras.distribution.DeviceMesh(
+        shape=(1, len(keras.distribution.list_devices())),
+        axis_names=("batch", "model"),
+        devices=keras.distribution.list_devices(),
+    )
+    layout_map = keras.distribution.LayoutMap(mesh)
+    layout_map[".*hidden/kernel"] = (None, "model")
+    layout_map[".*hidden/bias"] = ("model",)
+    return keras.distribution.ModelParallel(
+        layout_map=layout_map, batch_dim_name="batch", auto_shard_dataset=False
+    )
+
+
+def gathered(variable):
+    """The global value of a variable, sharded or not (a collective)."""
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(variable.value, tiled=True))
+
+
+def layout(variable):
+    """The layout of a variable's value, as JAX has it (public API)."""
+    sharding = variable.value.sharding
+    return {
+        "spec": [None if a is None else str(a) for a in sharding.spec],
+        "shard_shape": list(sharding.shard_shape(tuple(variable.shape))),
+        "local_shape": list(variable.value.addressable_data(0).shape),
+    }
+
+
+def model_parallel(mode):
+    """The `fixed` run under `ModelParallel`, every process on the global batch."""
+    x, y = data()
+    model = rdrop("fixed", mode)
+    theta0 = [gathered(w) for w in model.model.weights]
+    history = model.fit(
+        x,
+        y,
+        batch_size=GLOBAL_BATCH,
+        epochs=2,
+        shuffle=False,
+        verbose=0,
+        callbacks=[ReferenceKLRegularizer(beta=0.5)],
+    )
+    reference = model.reference
+    weights = model.model.weights
+    return {
+        "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+        "weights": [gathered(w).tolist() for w in weights],
+        "theta0": [w.tolist() for w in theta0],
+        "snapshot": [gathered(v).tolist() for v in reference.ref_weights],
+        "positions": list(reference.positions),
+        "paths": [w.path for w in weights],
+        "snapshot_paths": [v.path for v in reference.ref_weights],
+        "weight_layouts": [layout(w) for w in weights],
+        "snapshot_layouts": [layout(v) for v in reference.ref_weights],
+        # Same devices, same split: what the snapshot code is meant to give.
+        "snapshot_layout_equivalent": [
+            ref.value.sharding.is_equivalent_to(
+                weights[p].value.sharding, len(ref.shape)
+            )
+            for p, ref in zip(reference.positions, reference.ref_weights, strict=True)
+        ],
+    }
+
+
+def tfdata(mode, process, processes):
+    """The `fixed` run on a global `tf.data.Dataset`, auto-sharded by Keras."""
+    import tensorflow as tf
+
+    keras.distribution.set_distribution(keras.distribution.DataParallel())
+    x, y = data()
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(GLOBAL_BATCH)
+    model = rdrop("fixed", mode)
+    theta0 = [local(w) for w in model.model.weights]
+    history = model.fit(
+        dataset,
+        epochs=2,
+        verbose=0,
+        callbacks=[ReferenceKLRegularizer(beta=0.5)],
+    )
+    return {
+        "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+        "weights": [local(w).tolist() for w in model.model.weights],
+        "theta0": [w.tolist() for w in theta0],
+        "snapshot": [local(v).tolist() for v in model.reference.ref_weights],
+    }
+
+
 def auto_shard(process, processes):
     """The error of `fit` on NumPy under the default (auto-sharding) DataParallel."""
     keras.distribution.set_distribution(keras.distribution.DataParallel())
@@ -154,8 +260,14 @@ def main():
             keras.distribution.set_distribution(
                 keras.distribution.DataParallel(auto_shard_dataset=False)
             )
+        kind, _, mode = run.partition(":")
         if run == "auto_shard":
             result = auto_shard(process, processes)
+        elif kind == "model_parallel":
+            keras.distribution.set_distribution(model_parallel_distribution())
+            result = model_parallel(mode)
+        elif kind == "tfdata":
+            result = tfdata(mode, process, processes)
         else:
             result = train(*run.split(":"), process, processes)
         result.update(process=process, processes=processes, run=run)
