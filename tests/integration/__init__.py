@@ -1,0 +1,1 @@
+"""Story tests: whole training runs, resumes and the examples, end to end."""
