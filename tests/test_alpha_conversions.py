@@ -23,6 +23,7 @@ import pytest
 from keras import ops
 
 from keras_rdrop import RDropModel
+from tests.models import sparse_ce
 from tests.testing import np_log_softmax
 
 B, C = 8, 5  # classification: batch, classes
@@ -245,12 +246,6 @@ def sequences(seed=0):
     return a, b, labels, valid
 
 
-def sparse_ce(reduction="sum_over_batch_size"):
-    return keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, reduction=reduction
-    )
-
-
 def assert_close(actual, expected):
     np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=1e-6)
 
@@ -269,7 +264,7 @@ def test_fairseq_translation_is_twice_ours_at_half_alpha(reg_alpha, eps):
             from_logits=True, label_smoothing=eps, reduction="mean_with_sample_weight"
         )
     else:
-        y, loss = labels, sparse_ce("mean_with_sample_weight")
+        y, loss = labels, sparse_ce(reduction="mean_with_sample_weight")
     logs = ours(a, b, y, loss, alpha=reg_alpha / 2, sample_weight=valid)
     assert_close(theirs, 2.0 * logs["loss"])
 
@@ -285,7 +280,12 @@ def test_fairseq_translation_needs_the_per_token_task_mean():
     assert abs(theirs - 2.0 * logs["loss"]) > 1e-2 * theirs
     # ... and exactly this: the task part is scaled by valid / (B * T).
     per_token = ours(
-        a, b, labels, sparse_ce("mean_with_sample_weight"), 2.5, sample_weight=valid
+        a,
+        b,
+        labels,
+        sparse_ce(reduction="mean_with_sample_weight"),
+        2.5,
+        sample_weight=valid,
     )
     scale = valid.sum() / valid.size
     assert_close(logs["task_loss"], scale * per_token["task_loss"])
@@ -338,7 +338,7 @@ def test_paddlenlp_rdrop_loss_with_pad_mask_is_alpha_coef_times_valid_tokens():
         a,
         b,
         labels,
-        sparse_ce("mean_with_sample_weight"),
+        sparse_ce(reduction="mean_with_sample_weight"),
         alpha=coef * valid.sum(),
         sample_weight=valid,
     )
@@ -367,7 +367,7 @@ def test_sum_reduction_divides_alphas_weight_by_the_positions():
     # N * ours_default(alpha / N), N the number of positions in the batch.
     a, b, labels = classification()
     alpha = 2.0
-    summed = ours(a, b, labels, sparse_ce("sum"), alpha=alpha)
+    summed = ours(a, b, labels, sparse_ce(reduction="sum"), alpha=alpha)
     default = ours(a, b, labels, sparse_ce(), alpha=alpha / B)
     assert_close(summed["loss"], B * default["loss"])
     assert_close(summed["kl_loss"], default["kl_loss"])
@@ -377,12 +377,14 @@ def test_sum_reduction_with_padding_counts_valid_tokens():
     a, b, labels, valid = sequences()
     alpha = 2.0
     n_valid = valid.sum()
-    summed = ours(a, b, labels, sparse_ce("sum"), alpha=alpha, sample_weight=valid)
+    summed = ours(
+        a, b, labels, sparse_ce(reduction="sum"), alpha=alpha, sample_weight=valid
+    )
     per_token = ours(
         a,
         b,
         labels,
-        sparse_ce("mean_with_sample_weight"),
+        sparse_ce(reduction="mean_with_sample_weight"),
         alpha=alpha / n_valid,
         sample_weight=valid,
     )

@@ -14,12 +14,12 @@ from keras_rdrop.src.fused_reference_kl import (
     chunked_for,
     cross_entropy_and_reference_kl,
 )
-from keras_rdrop.src.step_paths import record_paths, use_paths
+from keras_rdrop.src.step_paths import record_paths
+from tests.models import language_model as lm
 from tests.test_divergences import _finite_difference_grad, _grad
-from tests.test_fused_cross_entropy import lm
 from tests.testing import (
     assert_allclose,
-    assert_same_training,
+    assert_fused_matches_general,
     np_kl,
     np_log_softmax,
     np_symmetric_kl,
@@ -137,11 +137,10 @@ def test_bad_arguments_are_reported():
         cross_entropy_and_reference_kl((a, a, a), a, labels)
 
 
-def train(alpha, direction, fused, mode="concat", chunked=None, **options):
-    """Two epochs of an anchored `lm` with masks, ignore_class, sample and
-    loss weights and a regularizer; `(history, weights)` and the paths taken.
-    `fused=False` turns the fused anchor path off (R-Drop's own fused path
-    stays on); `options` go to `RDropModel`."""
+def train(alpha, direction, mode="concat", **options):
+    """Three epochs of an anchored `lm` with masks, ignore_class, sample and
+    loss weights and a regularizer: `(history, weights)`. `options` go to
+    `RDropModel`; the paths are chosen around it (`anchor_matches_general`)."""
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 11, size=(16, 6)).astype("int32")
     targets = rng.integers(0, 11, size=(16, 6)).astype("int32")
@@ -155,19 +154,31 @@ def train(alpha, direction, fused, mode="concat", chunked=None, **options):
         loss_weights=0.7,
     )
     keras.utils.set_random_seed(1)
-    paths = ("fused_anchor", "fused_rdrop") if fused else ("fused_rdrop",)
-    with use_paths(*paths, chunked=chunked), record_paths() as taken:
-        history = model.fit(
-            tokens,
-            targets,
-            sample_weight=weights,
-            batch_size=8,
-            epochs=3,
-            shuffle=False,
-            verbose=0,
-            callbacks=[ReferenceKLRegularizer(beta=0.8, direction=direction)],
-        )
-    return (history.history, [to_numpy(w) for w in model.weights]), taken
+    history = model.fit(
+        tokens,
+        targets,
+        sample_weight=weights,
+        batch_size=8,
+        epochs=3,
+        shuffle=False,
+        verbose=0,
+        callbacks=[ReferenceKLRegularizer(beta=0.8, direction=direction)],
+    )
+    return history.history, [to_numpy(w) for w in model.weights]
+
+
+def anchor_matches_general(alpha, direction, chunked=None, **options):
+    """The fused anchor path trains as the general anchor path; R-Drop's own
+    fused path stays on for the general run: only the anchor's fusion
+    differs. Returns the fused run."""
+    fused, _ = assert_fused_matches_general(
+        lambda: train(alpha, direction, **options),
+        "fused_anchor",
+        ("fused_anchor", "fused_rdrop"),
+        ("fused_rdrop",),
+        chunked=chunked,
+    )
+    return fused
 
 
 @pytest.mark.parametrize(
@@ -208,15 +219,9 @@ def test_fused_anchor_path_trains_like_the_general_path(
     # takes (`chunked_for`), forced on every backend.
     monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements or 2**21)
     chunked = False if chunk_elements is None else None
-    # R-Drop's own fused path stays on for the general anchor path: only the
-    # anchor's fusion differs between the runs.
-    fused, taken = train(alpha, direction, fused=True, chunked=chunked)
-    general, general_taken = train(alpha, direction, fused=False, chunked=chunked)
-    assert taken and set(taken) == {"fused_anchor"}, "the fused path was not taken"
-    assert "fused_anchor" not in general_taken
+    fused = anchor_matches_general(alpha, direction, chunked=chunked)
     # The reference pulls: the KL is not small after the first epoch.
     assert fused[0]["ref_kl"][-1] > 1e-3
-    assert_same_training(fused, general)
 
 
 @pytest.mark.parametrize(
@@ -242,12 +247,8 @@ def test_fused_anchor_path_takes_schedules_and_all_rows(alpha, options):
     if alpha == "schedule":
         # 0 for the first two steps, then 2.0: the steps differ.
         alpha = keras.optimizers.schedules.PiecewiseConstantDecay([1], [0.0, 2.0])
-    fused, taken = train(alpha, "forward", fused=True, **options)
-    general, general_taken = train(alpha, "forward", fused=False, **options)
-    assert taken and set(taken) == {"fused_anchor"}, "the fused path was not taken"
-    assert "fused_anchor" not in general_taken
+    fused = anchor_matches_general(alpha, "forward", **options)
     assert fused[0]["ref_kl"][-1] > 1e-3
-    assert_same_training(fused, general)
 
 
 def test_rdrop_fused_path_is_not_run_twice(monkeypatch):

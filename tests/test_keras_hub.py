@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from keras_rdrop import RDropModel, ReferenceKLRegularizer
+from tests.models import sparse_ce
 from tests.testing import assert_allclose, consistency, import_keras_hub, to_numpy
 
 keras_hub = import_keras_hub()
@@ -63,10 +64,6 @@ def causal_lm(dropout=0.2, sequence_length=8):
         dropout=dropout,
     )
     return keras_hub.models.GPT2CausalLM(backbone, preprocessor=preprocessor)
-
-
-def sparse_ce():
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 def test_keras_nlp_name_imports_too():

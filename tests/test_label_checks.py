@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from keras_rdrop import RDropModel
-from tests.models import NUM_CLASSES, classification_data, mlp, sparse_ce
+from tests.models import (
+    NUM_CLASSES,
+    classification_data,
+    mlp,
+    sequence_model,
+    sparse_ce,
+)
 
 V, T = 11, 5  # language model: vocabulary, length
 
@@ -92,14 +98,7 @@ def test_string_losses_are_named_as_given():
 
 
 def language_model():
-    return keras.Sequential(
-        [
-            keras.Input((T,), dtype="int32"),
-            keras.layers.Embedding(V, 8),
-            keras.layers.Dropout(0.3),
-            keras.layers.Dense(V),
-        ]
-    )
+    return sequence_model(vocab=V, length=T, mask_zero=False)
 
 
 def test_one_hot_labels_with_a_sparse_loss_on_the_fused_path():

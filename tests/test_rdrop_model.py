@@ -7,7 +7,13 @@ import pytest
 
 from keras_rdrop import RDropModel
 from keras_rdrop.src import chunked_gradients
-from tests.models import NUM_CLASSES, classification_data, mlp, sparse_ce
+from tests.models import (
+    NUM_CLASSES,
+    classification_data,
+    mlp,
+    sequence_model,
+    sparse_ce,
+)
 from tests.testing import (
     assert_allclose,
     assert_same_training,
@@ -252,14 +258,6 @@ def test_alpha_dict_with_unknown_output_is_an_error():
     model.compile(optimizer="adam", loss={"label": sparse_ce(), "score": "mse"})
     with pytest.raises(ValueError, match="nope"):
         model.fit(inputs, targets, epochs=1, verbose=0)
-
-
-def sequence_model(vocab=20, length=6):
-    tokens = keras.Input((length,), dtype="int32")
-    h = keras.layers.Embedding(vocab, 8, mask_zero=True)(tokens)
-    h = keras.layers.Dropout(0.3)(h)
-    h = keras.layers.Dense(vocab)(h)
-    return keras.Model(tokens, h)
 
 
 def sequence_data(n=32, vocab=20, length=6, seed=0):

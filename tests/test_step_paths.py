@@ -33,7 +33,7 @@ from keras_rdrop.src.step_paths import (
     use_paths,
 )
 from tests.models import classification_data, mlp, sparse_ce
-from tests.test_fused_cross_entropy import lm
+from tests.models import language_model as lm
 from tests.testing import assert_allclose, np_log_softmax, np_symmetric_kl, to_numpy
 
 RNG = np.random.default_rng(0)

@@ -6,6 +6,7 @@ import pytest
 
 from keras_rdrop.src.alpha_schedule import weigh_terms
 from keras_rdrop.src.consistency_terms import pairwise_terms
+from keras_rdrop.src.step_paths import record_paths, use_paths
 
 # keras-hub 0.32 (the newest release) imports `get_keras_mask` from
 # `keras.src.backend`, which Keras 3.16 no longer exports; the tox envs on
@@ -86,6 +87,33 @@ def assert_same_training(actual, expected):
         assert_allclose(history[key], expected_history[key], rtol=1e-5, atol=1e-6)
     for weight, expected_weight in zip(weights, expected_weights):
         assert_allclose(weight, expected_weight, rtol=1e-4, atol=1e-5)
+
+
+def assert_fused_matches_general(train, fused_path, fused_paths, general_paths, **kw):
+    """Two runs of `train()`: the fused path taken, and then not; same training.
+
+    Args:
+        train: Builds, compiles and fits a model, returning
+            `(history dict, weights)`; called once per run, from the same
+            seeds.
+        fused_path: The path the first run must take, at every step.
+        fused_paths: The fused paths allowed in the first run (`use_paths`).
+        general_paths: Those allowed in the second, without `fused_path`.
+        **kw: Passed to `use_paths` (`chunked=`).
+
+    Returns:
+        The two runs, fused first.
+    """
+    runs = []
+    for allowed in (fused_paths, general_paths):
+        with use_paths(*allowed, **kw), record_paths() as taken:
+            runs.append(train())
+        if allowed is fused_paths:
+            assert taken and set(taken) == {fused_path}, "the path was not taken"
+        else:
+            assert taken and fused_path not in taken
+    assert_same_training(runs[0], runs[1])
+    return runs
 
 
 def consistency(model, y_pred_1, y_pred_2, sample_weight=None):

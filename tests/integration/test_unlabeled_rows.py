@@ -17,6 +17,7 @@ import pytest
 
 from keras_rdrop import RDropModel, ReferenceKLRegularizer
 from keras_rdrop.src.step_paths import record_paths
+from tests import models
 from tests.models import NUM_CLASSES, classification_data, mlp
 from tests.testing import assert_allclose, np_log_softmax, np_symmetric_kl, to_numpy
 
@@ -144,11 +145,7 @@ def test_a_batch_with_no_label_trains_on_the_kl_alone(from_logits):
 
 
 def sequence_model(vocab=11, length=6, from_logits=True):
-    tokens = keras.Input((length,), dtype="int32")
-    h = keras.layers.Embedding(vocab, 8, mask_zero=True)(tokens)
-    h = keras.layers.Dropout(0.5, seed=1)(h)
-    h = keras.layers.Dense(vocab, activation=None if from_logits else "softmax")(h)
-    return keras.Model(tokens, h)
+    return models.sequence_model(vocab, length, 0.5, 1, from_logits)
 
 
 @pytest.mark.parametrize("from_logits, fused", [(True, True), (False, False)])
