@@ -318,7 +318,13 @@ def predict_logits(model, x, batch_size=None):
     """
     if batch_size is None:
         return logits_of(model, x)
-    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), "float64")
+    # Keras' own `predict`, also for a keras-hub task: the tasks here have no
+    # preprocessor (their inputs are token ids already), and keras-hub's
+    # `predict` would only wrap the arrays in a grain dataset whose read
+    # options (8 batches ahead, grain's default of 16 threads) log grain's
+    # "prefetch_buffer_size=8 is smaller than num_threads=16" at every call.
+    predict = keras.Model.predict
+    return np.asarray(predict(model, x, batch_size=batch_size, verbose=0), "float64")
 
 
 def log_softmax(logits):
