@@ -204,6 +204,14 @@ MUTANTS = [
         ("tests/integration/test_exact_resume.py",),
     ),
     Mutant(
+        "torch-generator-not-restored",
+        "a resumed torch run does not restore torch's CPU generator state",
+        S + "seed_state.py",
+        '        torch.random.set_rng_state(state("cpu"))\n',
+        "        pass\n",
+        ("tests/integration/test_exact_resume.py",),
+    ),
+    Mutant(
         "no-stochastic-check",
         "a model without dropout is taken as stochastic (no warning)",
         S + "model_checks.py",
