@@ -12,17 +12,13 @@ once for all runs, and one process on the global batch to compare with.
 
 import importlib.util
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import keras_rdrop
+from tests.processes import child_env, free_port, launch_together
 
 SCRIPT = Path(__file__).resolve().parent / "distributed" / "jax_multiprocess.py"
 
@@ -49,30 +45,11 @@ MULTI_RUNS = [*TRAINING, *MODEL_PARALLEL, *TFDATA, "auto_shard"]
 # across devices and a gloo all-reduce, so round-off differs (seen: 6e-8).
 RTOL, ATOL = 1e-5, 1e-6
 TIMEOUT_S = 300
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child_env():
-    env = dict(os.environ)
-    root = str(Path(keras_rdrop.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    env["KERAS_BACKEND"] = "jax"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["CUDA_VISIBLE_DEVICES"] = ""  # one CPU device per process
-    # Compiling is most of a tiny run's time; these programs need no speed.
-    env.setdefault("XLA_FLAGS", FAST_XLA)
-    return env
 
 
 def _launch(out_dir):
     """Starts the one-process run and the two processes together, and waits."""
-    port = str(_free_port())
+    port = str(free_port())
     commands = {
         "single": ["single", *SINGLE_RUNS],
         **{
@@ -80,42 +57,12 @@ def _launch(out_dir):
             for p in range(PROCESSES)
         },
     }
-    env, children, codes = _child_env(), {}, {}
-    try:
-        for name, args in commands.items():
-            log = open(out_dir / f"{name}.log", "w")  # closed in `finally`
-            command = [sys.executable, str(SCRIPT), str(out_dir), *args]
-            proc = subprocess.Popen(
-                command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
-            )
-            children[name] = log, proc
-        # A process that fails leaves the other waiting in a collective: stop
-        # at the first failure (or at the deadline), and end the rest.
-        deadline = time.monotonic() + TIMEOUT_S
-        while time.monotonic() < deadline:
-            codes = {name: proc.poll() for name, (_, proc) in children.items()}
-            if all(c == 0 for c in codes.values()) or any(codes.values()):
-                break
-            time.sleep(0.2)
-        waited = TIMEOUT_S - (deadline - time.monotonic())
-        codes = {
-            name: f"still running after {waited:.0f} s, ended" if c is None else c
-            for name, c in codes.items()
-        }
-    finally:
-        for log, proc in children.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
-    failed = {name: code for name, code in codes.items() if code != 0}
-    if failed:
-        logs = "\n".join(
-            f"--- {name} ({codes[name]}):\n"
-            + (out_dir / f"{name}.log").read_text()[-4000:]
-            for name in commands
-        )
-        pytest.fail(f"{SCRIPT.name} failed: {failed}\n{logs}", pytrace=False)
+    env = child_env("jax")
+    launches = {
+        name: ([sys.executable, str(SCRIPT), str(out_dir), *args], env)
+        for name, args in commands.items()
+    }
+    launch_together(launches, out_dir, TIMEOUT_S, SCRIPT.name)
 
 
 @pytest.fixture(scope="module")

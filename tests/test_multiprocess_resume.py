@@ -21,24 +21,19 @@ generator's on JAX, torch's generator on torch).
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
-import keras_rdrop
+from tests.processes import child_env, free_port, launch_together
 
 SCRIPT = Path(__file__).resolve().parent / "distributed" / "resume_worker.py"
 KERAS_VERSION = tuple(int(v) for v in keras.__version__.split(".")[:2])
 PROCESSES = 2
 TIMEOUT_S = 300
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 pytestmark = pytest.mark.multiprocess
 # The conftest skips `jax` and `torch` tests on the other backends.
@@ -51,81 +46,24 @@ NEEDS_TORCH_DDP = pytest.mark.skipif(
 )
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(backend):
-    env = dict(os.environ)
-    root = str(Path(keras_rdrop.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    env["KERAS_BACKEND"] = backend
-    env["CUDA_VISIBLE_DEVICES"] = ""  # one CPU device per process
-    env["OMP_NUM_THREADS"] = "1"
-    if backend == "jax":
-        env["JAX_PLATFORMS"] = "cpu"
-        # Compiling is most of a tiny run's time; these programs need no speed.
-        env.setdefault("XLA_FLAGS", FAST_XLA)
-    return env
-
-
-def _fail(out_dir, what, codes):
-    logs = "\n".join(
-        f"--- {log.name}:\n{log.read_text()[-4000:]}"
-        for log in sorted(out_dir.glob("*.log"))
-    )
-    pytest.fail(f"{SCRIPT.name} {what} failed: {codes}\n{logs}", pytrace=False)
-
-
 def _launch_jax(out_dir, phase):
-    """Both processes of one phase; a failed one ends the other (which would
-    wait in a collective)."""
-    port, env, children = str(_free_port()), _env("jax"), []
-    try:
-        for p in range(PROCESSES):
-            log = open(out_dir / f"{phase}-process{p}.log", "w")  # closed below
-            command = [sys.executable, str(SCRIPT), str(out_dir), phase]
-            command += [str(p), str(PROCESSES), port]
-            children.append(
-                (
-                    log,
-                    subprocess.Popen(
-                        command, env=env, stdout=log, stderr=subprocess.STDOUT
-                    ),
-                )
-            )
-        deadline = time.monotonic() + TIMEOUT_S
-        while time.monotonic() < deadline:
-            codes = [proc.poll() for _, proc in children]
-            if all(c == 0 for c in codes) or any(codes):
-                break
-            time.sleep(0.2)
-    finally:
-        for log, proc in children:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            log.close()
-    if codes != [0] * PROCESSES:
-        _fail(out_dir, phase, codes)
+    """Both processes of one phase, started together."""
+    port, env = str(free_port()), child_env("jax")
+    command = [sys.executable, str(SCRIPT), str(out_dir), phase]
+    launches = {
+        f"{phase}-process{p}": ([*command, str(p), str(PROCESSES), port], env)
+        for p in range(PROCESSES)
+    }
+    launch_together(launches, out_dir, TIMEOUT_S, f"{SCRIPT.name} {phase}")
 
 
 def _launch_torch(out_dir, phase):
+    """One `torchrun` of both ranks for one phase."""
     command = [sys.executable, "-m", "torch.distributed.run"]
     command += [f"--nproc_per_node={PROCESSES}", "--master_addr=127.0.0.1"]
-    command += [f"--master_port={_free_port()}", str(SCRIPT), str(out_dir), phase]
-    with open(out_dir / f"{phase}.log", "w") as log:
-        proc = subprocess.run(
-            command,
-            env=_env("torch"),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            timeout=TIMEOUT_S,
-        )
-    if proc.returncode != 0:
-        _fail(out_dir, phase, proc.returncode)
+    command += [f"--master_port={free_port()}", str(SCRIPT), str(out_dir), phase]
+    launches = {phase: (command, child_env("torch"))}
+    launch_together(launches, out_dir, TIMEOUT_S, f"{SCRIPT.name} {phase}")
 
 
 @pytest.fixture(scope="module")

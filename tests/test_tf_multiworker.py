@@ -12,17 +12,13 @@ weights; any other outcome fails.
 """
 
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import keras_rdrop
+from tests.processes import child_env, free_ports, launch_together
 
 SCRIPT = Path(__file__).resolve().parent / "distributed" / "tf_multiworker.py"
 
@@ -33,70 +29,25 @@ WORKERS = 2
 TIMEOUT_S = 120  # one launch: ~6-12 s on 2 busy cores
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _launch(mode, out_dir):
     """Both workers of `mode`, started together: their `RESULT` dicts."""
-    cluster = [f"localhost:{port}" for port in _free_ports(WORKERS)]
-    env = dict(os.environ)
-    root = str(Path(keras_rdrop.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    env.update(KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
-    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU workers, even on a GPU machine
-    logs = [out_dir / f"{mode}-worker{i}.log" for i in range(WORKERS)]
-    children, codes = [], []
-    try:
-        for index, log in enumerate(logs):
-            env["TF_CONFIG"] = json.dumps(
-                {
-                    "cluster": {"worker": cluster},
-                    "task": {"type": "worker", "index": index},
-                }
-            )
-            out = open(log, "w")  # closed in `finally`
-            command = [sys.executable, str(SCRIPT), mode]
-            proc = subprocess.Popen(
-                command, env=env, stdout=out, stderr=subprocess.STDOUT, text=True
-            )
-            children.append((out, proc))
-        # A worker that dies leaves the other waiting for it in a collective:
-        # stop at the first failure (or at the deadline), and end the other.
-        deadline = time.monotonic() + TIMEOUT_S
-        while time.monotonic() < deadline:
-            codes = [proc.poll() for _, proc in children]
-            if all(c == 0 for c in codes) or any(codes):
-                break
-            time.sleep(0.2)
-        still = (
-            f"still running after {TIMEOUT_S} s, ended"
-            if time.monotonic() >= deadline
-            else "still running when the other failed, ended"
+    cluster = [f"localhost:{port}" for port in free_ports(WORKERS)]
+    launches = {}
+    for index in range(WORKERS):
+        config = {
+            "cluster": {"worker": cluster},
+            "task": {"type": "worker", "index": index},
+        }
+        env = child_env(
+            "tensorflow", TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(config)
         )
-        codes = [still if c is None else c for c in codes]
-    finally:
-        for out, proc in children:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            out.close()
+        launches[f"{mode}-worker{index}"] = ([sys.executable, str(SCRIPT), mode], env)
+    launch_together(launches, out_dir, TIMEOUT_S, f"{SCRIPT.name} {mode}")
+    logs = [out_dir / f"{name}.log" for name in launches]
     texts = [log.read_text() for log in logs]
     everything = "\n".join(
-        f"--- worker {i} ({code}):\n{text[-4000:]}"
-        for i, (code, text) in enumerate(zip(codes, texts))
+        f"--- worker {i}:\n{text[-4000:]}" for i, text in enumerate(texts)
     )
-    if any(code != 0 for code in codes):
-        pytest.fail(
-            f"{SCRIPT.name} {mode} failed: {codes}\n{everything}", pytrace=False
-        )
     results = []
     for text in texts:
         lines = [line for line in text.splitlines() if line.startswith("RESULT ")]

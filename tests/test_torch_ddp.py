@@ -11,19 +11,14 @@ checks, against one process on the global batch.
 """
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
-import keras_rdrop
+from tests.processes import child_env, free_port, launch_together
 
 SCRIPT = Path(__file__).resolve().parent / "distributed" / "torch_ddp.py"
 KERAS_VERSION = tuple(int(v) for v in keras.__version__.split(".")[:2])
@@ -41,12 +36,6 @@ pytestmark = [
 ]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Every run the tests below compare, started once: one process on the global
 # batch, one `torchrun` launch of two ranks on one node, and (a subset, for
 # time: each launch costs ~10 s) two launches of one rank each, as two nodes.
@@ -62,69 +51,11 @@ TWO_NODE_RUNS = ["fixed:concat:ddp", "dropout:sequential:ddp"]
 TIMEOUT_S = 300  # a launch: ~10-20 s on 2 busy cores
 
 
-def _child_env():
-    env = dict(os.environ)
-    root = str(Path(keras_rdrop.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _end(proc):
-    """Ends `proc` and what it started (torchrun's ranks): its process group."""
-    if proc.poll() is None:
-        if os.name == "posix":
-            os.killpg(proc.pid, signal.SIGKILL)  # the group of `proc` alone
-        else:  # pragma: no cover
-            proc.kill()
-    proc.wait()
-
-
 def _launch(launches, out_dir):
-    """Starts the commands in `launches` ({name: argv}) together, and waits.
-
-    A launch that fails leaves the others waiting in the rendezvous or a
-    collective: stop at the first failure (or at the deadline), end the rest,
-    and fail with every launch's output.
-    """
-    children, codes = {}, {}
-    try:
-        for name, command in launches.items():
-            log = open(out_dir / f"{name}.log", "w")  # closed in `finally`
-            proc = subprocess.Popen(
-                command,
-                env=_child_env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,  # its own process group, for `_end`
-            )
-            children[name] = log, proc
-        deadline = time.monotonic() + TIMEOUT_S
-        while time.monotonic() < deadline:
-            codes = {name: proc.poll() for name, (_, proc) in children.items()}
-            if all(c == 0 for c in codes.values()) or any(codes.values()):
-                break
-            time.sleep(0.2)
-        still = (
-            f"still running after {TIMEOUT_S} s, ended"
-            if time.monotonic() >= deadline
-            else "still running when another failed, ended"
-        )
-        codes = {name: still if c is None else c for name, c in codes.items()}
-    finally:
-        for log, proc in children.values():
-            _end(proc)
-            log.close()
-    failed = {name: code for name, code in codes.items() if code != 0}
-    if failed:
-        logs = "\n".join(
-            f"--- {name} ({codes[name]}): {' '.join(launches[name])}\n"
-            + (out_dir / f"{name}.log").read_text()[-6000:]
-            for name in launches
-        )
-        pytest.fail(f"{SCRIPT.name} failed: {failed}\n{logs}", pytrace=False)
+    """`launch_together` of `{name: argv}`, each in a torch worker's env."""
+    env = child_env("torch")
+    launches = {name: (argv, env) for name, argv in launches.items()}
+    launch_together(launches, out_dir, TIMEOUT_S, SCRIPT.name)
 
 
 def _torchrun(*options):
@@ -140,7 +71,7 @@ def ddp_results(tmp_path_factory):
     one_node = _torchrun(
         "--nproc_per_node=2",
         "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
+        f"--master_port={free_port()}",
     )
     _launch({"one_node": [*one_node, *script, *DDP_RUNS]}, out_dir)
     return out_dir
@@ -150,7 +81,7 @@ def ddp_results(tmp_path_factory):
 def two_node_results(tmp_path_factory):
     """2 nodes of one rank each: two launches, one rendezvous on localhost."""
     out_dir = tmp_path_factory.mktemp("ddp_two_nodes")
-    port = _free_port()
+    port = free_port()
     launches = {
         f"node{node}": [
             *_torchrun(
