@@ -86,3 +86,23 @@ def test_a_model_never_anchored_has_no_beta():
     model = RDropModel(mlp(), alpha=1.0)
     assert model.anchor.beta is None
     assert model.anchor.variables == [] and model.reference.variables == []
+
+
+def test_a_scheduled_beta_keeps_its_step_in_the_anchor_state(tmp_path):
+    # A LearningRateSchedule beta is evaluated inside the step, at a step
+    # count the anchor state holds and saves; other anchors have no counter.
+    x, y = classification_data()
+    model = RDropModel(mlp(), alpha=0.0)
+    model.compile(optimizer="adam", loss=sparse_ce())
+    schedule = keras.optimizers.schedules.PiecewiseConstantDecay([1], [0.0, 3.0])
+    callback = ReferenceKLRegularizer(beta=schedule)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[callback])
+    assert int(to_numpy(model.anchor.beta_step)) == 4
+    store = {}
+    model.anchor.save_own_variables(store)
+    assert sorted(store) == ["0", "1"] and int(store["1"]) == 4
+    path = str(tmp_path / "scheduled.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert int(to_numpy(loaded.anchor.beta_step)) == 4
+    assert anchored_model().anchor.beta_step is None

@@ -95,6 +95,13 @@ def test_alpha_and_beta_take_the_same_weight_at_each_step(schedule):
     ).history
     # The live pass has dropout on, the reference not: the KL is positive.
     assert min(logs["ref_kl"]) > 0
+    # A LearningRateSchedule is evaluated inside the step, which counts its
+    # steps; a plain callable's value comes from the host, with no counter.
+    step = anchored.anchor.beta_step
+    if isinstance(callback.beta, keras.optimizers.schedules.LearningRateSchedule):
+        assert int(ops.convert_to_numpy(step)) == 4
+    else:
+        assert step is None
     assert_allclose(
         np.subtract(logs["loss"], logs["task_loss"]),
         np.multiply(want, logs["ref_kl"]),

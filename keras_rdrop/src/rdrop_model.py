@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import warnings
 from typing import Any
@@ -367,7 +366,7 @@ class RDropModel(TaskPreprocessingModel):
         """What of the anchor a traced training step depends on."""
         settings = self.anchor.settings
         return (
-            None if settings is None else dataclasses.astuple(settings),
+            None if settings is None else settings.key(),
             len(self.reference.ref_weights),
         )
 

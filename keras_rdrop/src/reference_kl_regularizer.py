@@ -89,13 +89,13 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
     Args:
         beta: Weight of the penalty: a non-negative float, or a schedule of
             the training step, as `RDropModel`'s `alpha` takes one: a
-            `keras.optimizers.schedules.LearningRateSchedule`, called with the
-            step as a scalar int32 tensor, or a plain callable of the step,
-            called with the step as a Python int (so it may use `if`). Both
-            are evaluated on the host before each batch, at the optimizer's
-            step, and their value is fed to the step through a variable, so
-            the step is not retraced. With `target_kl` it is the initial
-            value, a float. Defaults to `0.1`.
+            `keras.optimizers.schedules.LearningRateSchedule`, called inside
+            the training step with the step as a scalar int32 tensor, or a
+            plain callable of the step, called on the host before each batch
+            with the step as a Python int (so it may use `if`) and fed to the
+            step through a variable, so the step is not retraced. The step
+            counts from the optimizer's when `fit` starts. With `target_kl` it
+            is the initial value, a float. Defaults to `0.1`.
         direction: `"forward"`, `"reverse"` or `"symmetric"`, see above.
             Defaults to `"forward"`.
         refresh_every_epochs: Re-take the snapshot from the current weights
@@ -246,11 +246,20 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
                 if self.reset_reference:
                     reference.refresh(model.model)
             beta = model.anchor.ensure_beta()
+            traced = self.beta if is_traced_schedule(self.beta) else None
+            if traced is not None:
+                model.anchor.ensure_beta_step()
         model.anchor.settings = ReferenceSettings(
-            direction=self.direction, target_kl=self.target_kl, horizon=self.horizon
+            direction=self.direction,
+            target_kl=self.target_kl,
+            horizon=self.horizon,
+            beta_schedule=traced,
         )
         # `BackupAndRestore` restores a resumed run's beta after this.
-        beta.assign(self._beta_at(_iterations(model)))
+        step = _iterations(model)
+        beta.assign(self._beta_at(step))
+        if traced is not None:
+            model.anchor.beta_step.assign(step)
         # The training step reads the settings when it is traced:
         # `RDropModel.make_train_function` rebuilds it if they changed.
 
@@ -285,7 +294,7 @@ class ReferenceKLRegularizer(keras.callbacks.Callback):
         return weight_at(self.beta, step, "beta")
 
     def on_train_batch_begin(self, batch, logs=None):
-        if is_schedule(self.beta):
+        if is_host_schedule(self.beta):
             self.model.anchor.beta.assign(self._beta_at(self._step))
 
     def on_train_batch_end(self, batch, logs=None):

@@ -24,6 +24,7 @@ from keras_rdrop.src.consistency_terms import (
     position_weights,
 )
 from keras_rdrop.src.keras_internals import unscale_for_distribution
+from keras_rdrop.src.weight_schedules import traced_value
 
 DIRECTIONS = ("forward", "reverse", "symmetric")
 _KIND = {"forward": "kl", "reverse": "reverse_kl", "symmetric": "symmetric_kl"}
@@ -36,6 +37,13 @@ class ReferenceSettings:
     direction: str = "forward"
     target_kl: float | None = None
     horizon: float = 10000.0
+    # A `LearningRateSchedule` `beta`, evaluated inside the step; else None.
+    beta_schedule: Any = None
+
+    def key(self) -> tuple:
+        """The settings to compare traced steps by (the schedule by identity:
+        `dataclasses.astuple` would copy it)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
 
 def kl_kind(settings: ReferenceSettings) -> str:
@@ -119,8 +127,13 @@ def weighted_penalty(anchor, total, batch_size):
     # `total` is scaled per replica under `tf.distribute`, like the loss.
     kl = unscale_for_distribution(ops.stop_gradient(total))
     anchor.ref_kl_tracker.update_state(kl, sample_weight=batch_size)
-    beta = anchor.beta.value
     settings = anchor.settings
+    if settings.beta_schedule is not None:
+        step = ops.convert_to_tensor(anchor.beta_step)
+        beta = traced_value(settings.beta_schedule, step, "beta")
+        anchor.beta_step.assign_add(1)
+    else:
+        beta = anchor.beta.value
     if settings.target_kl is not None:
         # Ziegler et al. (2019): proportional control of beta toward a
         # target KL, clipped to +-20% error, over a horizon in examples.
