@@ -58,10 +58,6 @@ RATIO = re.compile(r"(?<![\w.])(\d+\.\d+)×")
 
 # Result files measured before a later change to what they measure.
 STALE = {
-    "benchmarks/results/fused-all.json": (
-        "measured before the anchor's fused path, the partial snapshot and the "
-        "restructured training step"
-    ),
     "benchmarks/results/lora-anchor-after-torch.json": (
         "measured before the anchor's fused path, which this classifier now takes"
     ),
