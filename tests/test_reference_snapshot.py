@@ -67,7 +67,8 @@ def test_a_file_whose_snapshot_held_beta_loads():
     """`tests/data/snapshot_with_beta_785f4f3.keras` was written by
     keras-rdrop at 785f4f3, whose snapshot stored `beta` first and then the
     copies with their positions: an `mlp` fit one epoch with an adaptive
-    beta. Its θ0, positions and beta are in the `.npz` beside it."""
+    beta, on Keras 3.15.1 (whose files both Keras versions load). Its θ0,
+    positions and beta are in the `.npz` beside it."""
     loaded = keras.saving.load_model(str(DATA / "snapshot_with_beta_785f4f3.keras"))
     saved = np.load(DATA / "snapshot_with_beta_785f4f3_theta0.npz")
     assert loaded.reference.positions == [int(p) for p in saved["positions"]]
