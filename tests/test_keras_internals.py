@@ -161,3 +161,40 @@ def test_the_fused_path_recognises_the_language_model_loss():
     assert not fusable_loss(
         keras.losses.SparseCategoricalCrossentropy(from_logits=True, axis=1), logits
     )
+
+
+def test_functional_graph_lists_the_calls_keras_runs():
+    base = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)], name="base")
+    inputs = {"a": keras.Input((3,), name="a"), "b": keras.Input((2,), name="b")}
+    hidden = base(inputs["a"], training=False)
+    joined = keras.layers.Concatenate(name="join")([hidden, inputs["b"]])
+    outputs = [keras.layers.Dense(2, name="head")(joined)]
+    model = keras.Model(inputs, outputs)
+    graph = keras_internals.functional_graph(model)
+    # Inputs and outputs keep their structure; each call comes after the
+    # calls that make its inputs, with its keyword arguments.
+    assert set(graph.inputs) == {"a", "b"} and isinstance(graph.outputs, list)
+    names = [call.operation.name for call in graph.calls]
+    assert names == ["base", "join", "head"]
+    base_call, join_call, head_call = graph.calls
+    assert base_call.kwargs == {"training": False}
+    assert base_call.inputs == (inputs["a"],) and base_call.outputs == (hidden,)
+    assert join_call.inputs == (hidden, inputs["b"])
+    assert head_call.outputs == (outputs[0],)
+    # A Sequential model runs its own graph; a subclassed one has none.
+    sequential = keras_internals.functional_graph(base)
+    assert [call.operation.name for call in sequential.calls] == [base.layers[0].name]
+
+    class Net(keras.Model):
+        def call(self, x):
+            return x
+
+    assert keras_internals.functional_graph(Net()) is None
+
+    # A functional model whose class overrides `call` runs that code instead.
+    class Doubled(keras.Model):
+        def call(self, inputs, training=None, mask=None):
+            return 2.0 * super().call(inputs, training=training, mask=mask)
+
+    x = keras.Input((3,))
+    assert keras_internals.functional_graph(Doubled(x, base(x))) is None

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from keras_rdrop import RDropModel, ReferenceKLRegularizer
+from keras_rdrop.src.step_paths import record_paths
 from tests.models import classification_data, mlp, sparse_ce
 from tests.testing import assert_allclose, np_kl, np_symmetric_kl, to_numpy
 
@@ -413,3 +414,32 @@ def test_repeated_fits_reuse_the_step_and_a_changed_anchor_rebuilds_it():
     reverse, logs = fit(ReferenceKLRegularizer(beta=0.5, direction="reverse"))
     assert reverse is not plain
     assert_allclose(logs["ref_kl"][0], np.mean(np_kl(reference, live)), rtol=1e-4)
+    # Back to earlier settings: the steps built for them are reused.
+    assert fit(ReferenceKLRegularizer(beta=0.5))[0] is first
+    assert fit()[0] is plain
+
+
+def test_alternating_anchored_and_plain_fits_trace_each_step_once():
+    # An epoch loop, a tuner, a curriculum: `fit` again and again, with the
+    # anchor and without. Each state's step is traced (and compiled) once:
+    # the loss path is chosen once per trace on JAX and TensorFlow, and once
+    # per step where the step runs eagerly (torch), whose step functions are
+    # the ones built first.
+    keras.utils.set_random_seed(0)
+    model = RDropModel(classifier(dropout=0.1), alpha=1.0)
+    model.compile(optimizer="adam", loss=sparse_ce())
+    x, y = task(seed=1, n=32)
+    anchor = ReferenceKLRegularizer(beta=0.5)
+    functions = {}
+    with record_paths() as taken:
+        for callbacks in ([anchor], [anchor], [], [anchor], [], [anchor], []):
+            history = model.fit(x, y, batch_size=16, verbose=0, callbacks=callbacks)
+            assert ("ref_kl" in history.history) == bool(callbacks)
+            functions.setdefault(bool(callbacks), model.train_function)
+            assert model.train_function is functions[bool(callbacks)]
+    assert functions[True] is not functions[False]
+    steps = 7 * 2
+    if keras.backend.backend() == "torch":
+        assert len(taken) == steps
+    else:
+        assert len(taken) == 2, f"{len(taken)} traces for 2 states"

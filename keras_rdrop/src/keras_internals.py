@@ -25,9 +25,16 @@ test instead of silently changing behaviour.
   unscale_loss_for_distribution`. A loss value logged as a metric under
   `tf.distribute` is multiplied back by the replica count, as Keras does for
   `loss`.
+- `functional_graph`: `Functional._nodes_by_depth`, `_inputs_struct`,
+  `_outputs_struct` and `Sequential._functional`; each node's `operation`,
+  `is_input`, `input_tensors`, `outputs` and `arguments.kwargs`. The calls of
+  a functional model's graph, to find the part that dropout cannot change
+  (`shared_prefix`); Keras exports no graph walk.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import keras
 
@@ -37,6 +44,7 @@ try:  # Keras 3.15 and 3.16 (3.16 no longer re-exports them in `keras.src.backen
 except ImportError:  # pragma: no cover - depends on the Keras version
     _get_keras_mask = _set_keras_mask = None
 from keras.src.losses.loss import unscale_loss_for_distribution as _unscale
+from keras.src.models.functional import Functional as _Functional
 
 
 def get_keras_mask(x):
@@ -90,3 +98,65 @@ def additional_losses(model: keras.Model) -> list:
 def unscale_for_distribution(value):
     """`value` times the `tf.distribute` replica count (1 elsewhere)."""
     return _unscale(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphCall:
+    """One call in a functional model's graph: a layer (or operation) called
+    on symbolic tensors.
+
+    Attributes:
+        operation: The layer or operation called.
+        inputs: The symbolic tensors it was called on, flat.
+        outputs: The symbolic tensors it returned, flat.
+        kwargs: The keyword arguments of the call (`training=False`, ...).
+    """
+
+    operation: object
+    inputs: tuple
+    outputs: tuple
+    kwargs: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionalGraph:
+    """A functional model's inputs and outputs (as structured when it was
+    built) and its calls, each after the calls it depends on."""
+
+    inputs: object
+    outputs: object
+    calls: tuple
+
+
+def functional_graph(model: keras.Model) -> FunctionalGraph | None:
+    """The graph that `model.call` runs, or `None` if `model` runs Python code.
+
+    A functional model (a keras-hub task included) and a `Sequential` model
+    with an `Input` have one; a subclassed model, or a functional one whose
+    class overrides `call`, has none.
+    """
+    if isinstance(model, keras.Sequential):
+        if type(model).call is not keras.Sequential.call:
+            return None
+        graph = getattr(model, "_functional", None)
+    else:
+        graph = model
+    nodes_by_depth = getattr(graph, "_nodes_by_depth", None)
+    if graph is None or nodes_by_depth is None:
+        return None
+    if not isinstance(graph, _Functional) or type(graph).call is not _Functional.call:
+        return None
+    calls = []
+    for depth in sorted(nodes_by_depth, reverse=True):
+        for node in nodes_by_depth[depth]:
+            if node.operation is None or node.is_input:
+                continue
+            calls.append(
+                GraphCall(
+                    operation=node.operation,
+                    inputs=tuple(node.input_tensors),
+                    outputs=tuple(node.outputs),
+                    kwargs=dict(node.arguments.kwargs),
+                )
+            )
+    return FunctionalGraph(graph._inputs_struct, graph._outputs_struct, tuple(calls))

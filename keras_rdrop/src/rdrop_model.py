@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any
@@ -31,6 +32,7 @@ from keras_rdrop.src.model_checks import has_stochastic_layer, validate_bool
 from keras_rdrop.src.output_plan import PlanCache, PlanSettings
 from keras_rdrop.src.reference_penalty import ReferenceRun, kl_kind, weighted_penalty
 from keras_rdrop.src.reference_snapshot import ReferenceSnapshot
+from keras_rdrop.src.shared_prefix import PrefixSharing
 from keras_rdrop.src.seed_state import is_seed_key, load_seed_states, save_seed_states
 from keras_rdrop.src.stacked_passes import split_passes, stack_twice
 from keras_rdrop.src.step_inputs import StepInputs
@@ -181,6 +183,22 @@ class RDropModel(TaskPreprocessingModel):
             `False` only for an output layer that emits probabilities without
             a softmax/sigmoid activation (a custom layer normalizing in its
             `call`), or logits despite one. Defaults to `True`.
+        share_prefix: Whether the training step runs once what dropout
+            cannot change. In a functional model (a `Sequential` one with an
+            `Input`, or a keras-hub task), every layer before the first
+            stochastic one, and any sub-model called with `training=False`
+            (a frozen base in the Keras transfer-learning recipe), gives the
+            same output in both passes: it runs once per step, and only the
+            rest of the model runs twice (on the prefix's output stacked with
+            itself in `"concat"` mode). Where that prefix is frozen and does
+            not depend on the training flag, the anchor's reference reuses
+            its output too. The losses and gradients are those of two whole
+            passes, up to float rounding; BatchNormalization in the prefix
+            updates its moving statistics once per step, as in `"concat"`
+            mode. A model that cannot be split (subclassed, or stochastic from
+            its first layer) runs whole, and the first training step says so
+            in the `"keras_rdrop"` logger, at info level. `predict`,
+            `evaluate` and saving are not affected. Defaults to `True`.
         **kwargs: Passed to `keras.Model` (`name`, `trainable`, ...).
 
     Example:
@@ -234,6 +252,7 @@ class RDropModel(TaskPreprocessingModel):
         regression_consistency: bool = False,
         consistency_on_all_rows: bool = False,
         check_output_activation: bool = True,
+        share_prefix: bool = True,
         **kwargs,
     ):
         _check_model(model)
@@ -245,6 +264,7 @@ class RDropModel(TaskPreprocessingModel):
         validate_bool(regression_consistency, "regression_consistency")
         validate_bool(consistency_on_all_rows, "consistency_on_all_rows")
         validate_bool(check_output_activation, "check_output_activation")
+        validate_bool(share_prefix, "share_prefix")
         alpha = _validate_alpha(alpha)
         super().__init__(**kwargs)
         self.model = model
@@ -254,6 +274,8 @@ class RDropModel(TaskPreprocessingModel):
         self.regression_consistency = regression_consistency
         self.consistency_on_all_rows = consistency_on_all_rows
         self.check_output_activation = check_output_activation
+        self.share_prefix = share_prefix
+        self._prefix = PrefixSharing(share_prefix)
         self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
         self.task_loss_tracker = keras.metrics.Mean(name="task_loss")
         # A scheduled alpha: the step counter it is evaluated at, and one
@@ -275,8 +297,10 @@ class RDropModel(TaskPreprocessingModel):
         self._plans = PlanCache()
         self._check_labels = LabelCheck()
         self._loss_weights = None
-        # The anchor's state the training step was last traced with.
-        self._traced_anchor = None
+        # The anchor's state the current training step was built for, and
+        # the steps built for other states (`make_train_function`).
+        self._train_function_state = None
+        self._train_functions = {}
         # Keras calls `compute_metrics` without a `training` argument, after
         # `compute_loss`: the one flag, set there, that says which step it is.
         self._in_training_step = False
@@ -341,6 +365,7 @@ class RDropModel(TaskPreprocessingModel):
         # The fused path applies `loss_weights` itself.
         self._loss_weights = loss_weights
         self._plans.clear()
+        self._train_functions = {}
         super().compile(optimizer, loss, loss_weights, *args, **kwargs)
 
     def make_train_function(self, force=False):
@@ -348,19 +373,29 @@ class RDropModel(TaskPreprocessingModel):
 
         The step is traced with the anchor's settings, which
         `ReferenceKLRegularizer` sets when `fit` starts and clears when it
-        ends: the step is rebuilt when they differ from those it was traced
-        with, and reused by every `fit` (or `train_on_batch`) that has the
-        same ones.
+        ends. One step is kept for each settings it was built with: a `fit`
+        (or `train_on_batch`) reuses the step built for its settings, so
+        alternating anchored and plain `fit` calls trace each step once.
+        `compile` clears them.
         """
-        if self.train_function is not None and (
-            self._traced_anchor != self._anchor_state()
-        ):
+        self._prefix.prepare(self.model)
+        state = self._anchor_state()
+        if self.train_function is not None and not force:
+            if self._train_function_state == state:
+                return self.train_function
+            self._train_functions[self._train_function_state] = self.train_function
+            if state in self._train_functions:
+                self.train_function = self._train_functions[state]
+                self._train_function_state = state
+                return self.train_function
             force = True
             # JAX keeps traced steps by their function, and a bound method
             # equals the previous one: a new function object makes the step
             # trace again instead of reusing the trace of the old settings.
             self.train_step = functools.partial(type(self).train_step, self)
-        return super().make_train_function(force=force)
+        function = super().make_train_function(force=force)
+        self._train_function_state = state
+        return function
 
     def _anchor_state(self) -> tuple:
         """What of the anchor a traced training step depends on."""
@@ -390,10 +425,26 @@ class RDropModel(TaskPreprocessingModel):
         """Whether a call with `training` runs both passes as one, `[x; x]`."""
         return bool(training) and self.mode == "concat" and self._rdrop_enabled()
 
+    def _shared_split(self, training):
+        """The prefix split this training call runs, or `None` (whole model)."""
+        split = self._prefix.split
+        if not training or split is None:
+            return None
+        if self._rdrop_enabled() or (split.frozen and self._reference_run() is not None):
+            return split
+        return None
+
     def call(self, inputs, training=None):
-        if not self._stacks(training):
-            return self.model(inputs, training=training)
-        return self.model(stack_twice(inputs), training=training)
+        split = self._shared_split(training)
+        if split is None:
+            if not self._stacks(training):
+                return self.model(inputs, training=training)
+            return self.model(stack_twice(inputs), training=training)
+        shared = split.prefix(inputs, training=training)
+        self._prefix.outputs = shared
+        if self._stacks(training):
+            return split.run_rest(stack_twice(shared), training)
+        return split.run_rest(shared, training)
 
     # ------------------------------------------------------------------ loss
 
@@ -404,9 +455,11 @@ class RDropModel(TaskPreprocessingModel):
         self._check_step(y, y_pred, training)
         if not training:
             return super().compute_loss(x, y, y_pred, sample_weight, training=False)
-        self._traced_anchor = self._anchor_state()
         step = self._step_inputs(x, y, y_pred, sample_weight)
         reference = self._reference_run()
+        if reference is not None:
+            reference = self._shared_reference(reference)
+        self._prefix.outputs = None
         path = select_path(step, reference is not None)
         losses = path.compute(step, reference)
         total = losses.task_loss
@@ -436,6 +489,17 @@ class RDropModel(TaskPreprocessingModel):
             return None
         return ReferenceRun(self.reference, self.model, kl_kind(settings))
 
+    def _shared_reference(self, reference: ReferenceRun) -> ReferenceRun:
+        """`reference`, with the live prefix's output to reuse where the
+        prefix is frozen and the snapshot copies none of its weights."""
+        split = self._prefix.split
+        shared = self._prefix.outputs
+        if split is None or not split.frozen or shared is None:
+            return reference
+        if self.reference.copies_any(self.model, split.prefix.weights):
+            return reference
+        return dataclasses.replace(reference, rest=split, shared=shared)
+
     def _check_step(self, y, y_pred, training) -> None:
         """Stops a step that cannot compute its loss, saying how to fix it."""
         if training and self.loss is None and not self.losses:
@@ -464,7 +528,7 @@ class RDropModel(TaskPreprocessingModel):
             y_pred_1, y_pred_2 = split_passes(y_pred)
         else:
             y_pred_1 = y_pred
-            y_pred_2 = self.model(x, training=True) if self._rdrop_enabled() else None
+            y_pred_2 = self._second_pass(x) if self._rdrop_enabled() else None
         return StepInputs(
             x=x,
             y=y,
@@ -482,6 +546,14 @@ class RDropModel(TaskPreprocessingModel):
             additional_losses=additional_losses(self),
             chunked=chunked_for(self),
         )
+
+    def _second_pass(self, x):
+        """The sequential mode's second pass: the rest of the model on the
+        shared prefix's output, or the whole model."""
+        split = self._shared_split(True)
+        if split is None or self._prefix.outputs is None:
+            return self.model(x, training=True)
+        return split.run_rest(self._prefix.outputs, True)
 
     def _plan_settings(self) -> PlanSettings:
         return PlanSettings(
@@ -548,6 +620,7 @@ class RDropModel(TaskPreprocessingModel):
                 "regression_consistency": self.regression_consistency,
                 "consistency_on_all_rows": self.consistency_on_all_rows,
                 "check_output_activation": self.check_output_activation,
+                "share_prefix": self.share_prefix,
             }
         )
         return config

@@ -59,11 +59,17 @@ class ReferenceRun:
         snapshot: The model's `ReferenceSnapshot` (θ0).
         model: The inner model whose weights the snapshot copies.
         kind: The `PairwiseTerm` kind of the KL to the reference.
+        rest: Where the model's frozen prefix is shared: its
+            `shared_prefix.PrefixSplit`, whose rest the reference runs on
+            `shared`; else `None` (the reference runs the whole model).
+        shared: The live prefix's output on the batch, or `None`.
     """
 
     snapshot: Any
     model: keras.Model
     kind: str
+    rest: Any = None
+    shared: Any = None
 
 
 def reference_outputs(reference: ReferenceRun, plan, x, y_pred):
@@ -79,8 +85,18 @@ def reference_outputs(reference: ReferenceRun, plan, x, y_pred):
         `(flat_live, flat_ref)`, two lists of tensors of the same shapes.
     """
     model = reference.model
-    trainable, non_trainable = reference.snapshot.reference_values(model)
-    ref_pred, _ = model.stateless_call(trainable, non_trainable, x, training=False)
+    if reference.rest is None:
+        trainable, non_trainable = reference.snapshot.reference_values(model)
+        ref_pred, _ = model.stateless_call(trainable, non_trainable, x, training=False)
+    else:
+        # A frozen prefix holds θ0 and ignores the training flag: its live
+        # output is the reference's; only the rest runs again.
+        split = reference.rest
+        trainable, non_trainable = reference.snapshot.reference_values(
+            model, split.rest
+        )
+        shared = keras.tree.map_structure(ops.stop_gradient, reference.shared)
+        ref_pred = split.run_rest_stateless(trainable, non_trainable, shared)
     flat_live = keras.tree.flatten(y_pred)
     flat_ref = [ops.stop_gradient(t) for t in keras.tree.flatten(ref_pred)]
     if len(flat_live) != len(flat_ref):

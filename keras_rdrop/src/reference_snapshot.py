@@ -319,8 +319,20 @@ class ReferenceSnapshot(keras.layers.Layer):
 
     # ------------------------------------------------------------- the step
 
-    def reference_values(self, model):
-        """θ0's values for `model.stateless_call`: `(trainable, non_trainable)`."""
+    def copies_any(self, model: keras.Model, weights) -> bool:
+        """Whether the snapshot holds a copy of any of `weights` of `model`."""
+        copied = {id(w) for w, _ in self.copies(model)}
+        return any(id(w) in copied for w in weights)
+
+    def reference_values(self, model, target=None):
+        """θ0's values for `target.stateless_call`: `(trainable, non_trainable)`.
+
+        Args:
+            model: The model the snapshot copies.
+            target: A model made of some of `model`'s layers (the rest of a
+                split model, `shared_prefix`). Defaults to `model`.
+        """
+        target = model if target is None else target
         if self._value_map is None:
             self._value_map = {id(w): i for i, (w, _) in enumerate(self.copies(model))}
 
@@ -336,8 +348,8 @@ class ReferenceSnapshot(keras.layers.Layer):
             return ops.cast(ref.value, variable.dtype)
 
         return (
-            [value(v) for v in model.trainable_variables],
-            [value(v) for v in model.non_trainable_variables],
+            [value(v) for v in target.trainable_variables],
+            [value(v) for v in target.non_trainable_variables],
         )
 
 

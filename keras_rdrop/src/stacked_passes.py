@@ -9,8 +9,17 @@ from keras_rdrop.src.keras_internals import get_keras_mask, set_keras_mask
 
 
 def stack_twice(inputs):
-    """Every input tensor concatenated with itself along the batch axis."""
-    return keras.tree.map_structure(lambda t: ops.concatenate([t, t], axis=0), inputs)
+    """Every input tensor concatenated with itself along the batch axis, its
+    Keras mask too (a shared prefix's outputs may carry one)."""
+
+    def stack(t):
+        stacked = ops.concatenate([t, t], axis=0)
+        mask = get_keras_mask(t)
+        if mask is not None:
+            set_keras_mask(stacked, ops.concatenate([mask, mask], axis=0))
+        return stacked
+
+    return keras.tree.map_structure(stack, inputs)
 
 
 def split_passes(y_pred):
