@@ -43,6 +43,21 @@ MODELS = {
         "num_classes": 2,
         "dropout": 0.1,
     },
+    # The Keras transfer-learning recipe: the transformer's body (embeddings,
+    # encoder layers, pooling; no dropout inside, as a feature extractor),
+    # frozen, then dropout and a trainable 2-class head.
+    "frozen_base": {
+        "batch_size": 32,
+        "vocab_size": 8000,
+        "seq_len": 64,
+        "width": 128,
+        "num_layers": 2,
+        "num_heads": 4,
+        "ff_dim": 512,
+        "num_classes": 2,
+        "dropout": 0.1,
+        "body_dropout": 0.0,
+    },
     # A large sequence output for memory: logits of shape (2, 512, 50257).
     "lm50k": {
         "batch_size": 2,
@@ -191,18 +206,12 @@ def _position_embedding_class():
     return PositionEmbedding
 
 
-def build_transformer():
-    """The same architecture as `torch_rdrop_loop.TransformerClassifier`.
-
-    Post-norm encoder layers like `nn.TransformerEncoderLayer`: attention
-    (dropout on the attention probabilities), dropout, add & LayerNorm, then
-    Dense-ReLU, dropout, Dense, dropout, add & LayerNorm.
-    """
+def _transformer_body(cfg, rate):
+    """Tokens -> mean-pooled features: embeddings and post-norm encoder layers
+    like `nn.TransformerEncoderLayer` (see `build_transformer`)."""
     import keras
 
-    cfg = MODELS["transformer"]
     width, heads = cfg["width"], cfg["num_heads"]
-    rate = cfg["dropout"]
     tokens = keras.Input((cfg["seq_len"],), dtype="int32", name="tokens")
     h = keras.layers.Embedding(cfg["vocab_size"], width)(tokens)
     h = _position_embedding_class()(cfg["seq_len"], width)(h)
@@ -218,10 +227,37 @@ def build_transformer():
         f = keras.layers.Dense(width)(f)
         f = keras.layers.Dropout(rate)(f)
         h = keras.layers.LayerNormalization(epsilon=1e-5)(h + f)
-    h = keras.layers.GlobalAveragePooling1D()(h)
-    h = keras.layers.Dropout(rate)(h)
+    return tokens, keras.layers.GlobalAveragePooling1D()(h)
+
+
+def build_transformer():
+    """The same architecture as `torch_rdrop_loop.TransformerClassifier`.
+
+    Post-norm encoder layers like `nn.TransformerEncoderLayer`: attention
+    (dropout on the attention probabilities), dropout, add & LayerNorm, then
+    Dense-ReLU, dropout, Dense, dropout, add & LayerNorm.
+    """
+    import keras
+
+    cfg = MODELS["transformer"]
+    tokens, h = _transformer_body(cfg, cfg["dropout"])
+    h = keras.layers.Dropout(cfg["dropout"])(h)
     outputs = keras.layers.Dense(cfg["num_classes"], name="logits")(h)
     return keras.Model(tokens, outputs, name="transformer")
+
+
+def build_frozen_base():
+    """The transformer's body frozen (no dropout inside), then dropout and a
+    head: `torch_rdrop_loop.FrozenBaseClassifier`."""
+    import keras
+
+    cfg = MODELS["frozen_base"]
+    body = keras.Model(*_transformer_body(cfg, cfg["body_dropout"]), name="body")
+    body.trainable = False
+    tokens = keras.Input((cfg["seq_len"],), dtype="int32", name="tokens")
+    h = keras.layers.Dropout(cfg["dropout"])(body(tokens))
+    outputs = keras.layers.Dense(cfg["num_classes"], name="logits")(h)
+    return keras.Model(tokens, outputs, name="frozen_base")
 
 
 def build_bert_tiny():
@@ -302,6 +338,7 @@ def build_lora():
 BUILDERS = {
     "mlp": build_mlp,
     "transformer": build_transformer,
+    "frozen_base": build_frozen_base,
     "bert_tiny": build_bert_tiny,
     "lm50k": build_lm50k,
     "lora": build_lora,

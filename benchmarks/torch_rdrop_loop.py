@@ -93,6 +93,22 @@ class TransformerClassifier(nn.Module):
         return self.head(self.head_dropout(h.mean(dim=1)))
 
 
+class FrozenBaseClassifier(nn.Module):
+    """`TransformerClassifier`'s body frozen (no dropout inside, no gradient),
+    then dropout and a trainable head: the transfer-learning recipe."""
+
+    def __init__(self, dropout=0.1, **body):
+        super().__init__()
+        self.body = TransformerClassifier(dropout=0.0, **body)
+        self.body.head = nn.Identity()
+        self.body.requires_grad_(False)
+        self.head_dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(body["width"], body["num_classes"])
+
+    def forward(self, tokens):
+        return self.head(self.head_dropout(self.body(tokens)))
+
+
 class BertClassifier(nn.Module):
     """keras-hub's `BertTextClassifier` on a `BertBackbone`, in PyTorch.
 
@@ -171,6 +187,13 @@ def build_model(name: str) -> nn.Module:
         return MLP()
     if name == "transformer":
         return TransformerClassifier()
+    if name == "frozen_base":
+        body = ("vocab_size", "seq_len", "width", "num_layers", "num_heads", "ff_dim")
+        return FrozenBaseClassifier(
+            dropout=cfg["dropout"],
+            num_classes=cfg["num_classes"],
+            **{k: cfg[k] for k in body},
+        )
     if name == "bert_tiny":
         return BertClassifier(
             **{

@@ -430,16 +430,19 @@ def test_alternating_anchored_and_plain_fits_trace_each_step_once():
     model.compile(optimizer="adam", loss=sparse_ce())
     x, y = task(seed=1, n=32)
     anchor = ReferenceKLRegularizer(beta=0.5)
-    functions = {}
+    functions, traces = {}, []
     with record_paths() as taken:
         for callbacks in ([anchor], [anchor], [], [anchor], [], [anchor], []):
             history = model.fit(x, y, batch_size=16, verbose=0, callbacks=callbacks)
             assert ("ref_kl" in history.history) == bool(callbacks)
             functions.setdefault(bool(callbacks), model.train_function)
             assert model.train_function is functions[bool(callbacks)]
+            traces.append(len(taken))
     assert functions[True] is not functions[False]
-    steps = 7 * 2
     if keras.backend.backend() == "torch":
-        assert len(taken) == steps
+        assert traces == [2 * (i + 1) for i in range(7)]  # 2 steps per fit
     else:
-        assert len(taken) == 2, f"{len(taken)} traces for 2 states"
+        # The first anchored fit and the first plain one trace (TensorFlow's
+        # `tf.function` may trace twice on a first call); no other fit does.
+        assert traces[1] == traces[0] and traces[2] > traces[1]
+        assert traces[2:] == [traces[2]] * 5, traces

@@ -6,6 +6,7 @@ several steps, in both modes, with the anchor too. The calls of the prefix
 are counted by the rows they see, so a test fails if the prefix ran twice.
 """
 
+import functools
 import logging
 import warnings
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_rdrop import ReferenceKLRegularizer, RDropModel
+from keras_rdrop import RDropModel, ReferenceKLRegularizer
 from keras_rdrop.src.shared_prefix import split_model, training_false_semantics
 from tests.models import NUM_CLASSES, sparse_ce
 from tests.testing import assert_allclose, assert_same_training, to_numpy
@@ -33,7 +34,14 @@ class RowCounter(keras.layers.Layer):
     def call(self, x):
         # Not the symbolic builds (Keras' at the start of `fit`, the
         # snapshot's probe, JAX's shape inference): they compute nothing.
-        symbolic = isinstance(x, keras.KerasTensor) or "Tracer" in type(x).__name__
+        kind = type(x).__name__
+        symbolic = (
+            isinstance(x, keras.KerasTensor)
+            or "Tracer" in kind  # JAX
+            or "Symbolic" in kind  # TensorFlow
+            or not isinstance(x.shape[0], int)
+            or getattr(getattr(x, "device", None), "type", None) == "meta"  # torch
+        )
         if not symbolic:
             self.rows.append(x.shape[0])
         return x
@@ -51,8 +59,7 @@ def frozen_base_model(batch_norm=False, counter=None, trainable_base=False):
     layers = [keras.Input((FEATURES,))]
     if counter is not None:
         layers.append(counter)
-    # Before BatchNormalization a bias gets a zero gradient, whose rounding
-    # noise Adam would amplify: no bias there, as usual.
+    # Before BatchNormalization a bias gets a zero gradient: no bias there.
     layers += [_dense(16, 1, activation="relu"), _dense(16, 2, use_bias=not batch_norm)]
     if batch_norm:
         layers.append(keras.layers.BatchNormalization())
@@ -115,8 +122,10 @@ def train(
     keras.utils.set_random_seed(0)
     inner = build()
     model = RDropModel(inner, alpha=alpha, mode=mode, share_prefix=share)
+    # SGD: Adam would scale up rounding-level differences in small gradients
+    # (one matmul on 2B rows or on B rows) to learning-rate-sized steps.
     model.compile(
-        optimizer=keras.optimizers.Adam(1e-2), loss=sparse_ce(), run_eagerly=run_eagerly
+        optimizer=keras.optimizers.SGD(0.1), loss=sparse_ce(), run_eagerly=run_eagerly
     )
     x, y = data() if xy is None else xy
     callbacks = [ReferenceKLRegularizer(beta=0.5)] if anchor else []
@@ -151,7 +160,12 @@ def test_split_of_the_frozen_base_recipe():
         "Dense",
     ]
     x = data()[0]
-    assert_allclose(split.rest(split.prefix(x)), model(x), rtol=1e-6, atol=1e-6)
+    assert_allclose(
+        ops.stop_gradient(split.run_rest(split.prefix(x), False)),
+        ops.stop_gradient(model(x)),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_a_frozen_prefix_is_marked_reusable_by_the_reference():
@@ -209,7 +223,6 @@ def test_a_subclassed_model_cannot_be_split():
     assert split is None and "not a functional model" in why
 
 
-@pytest.mark.keras_version
 def test_what_this_keras_does_with_a_calls_own_training_false():
     # The probe's answer, observed directly: a sub-model with dropout called
     # with `training=False`, then a Dropout, run in training mode.
@@ -318,7 +331,9 @@ def test_masks_cross_the_split(mode):
     features = to_numpy(hidden).astype(np.float64)
     valid = (x != 0).astype(np.float64)[..., None]
     pooled = (features * valid).sum(1) / valid.sum(1)
-    kernel, bias = (to_numpy(w).astype(np.float64) for w in split.rest.layers[-1].weights)
+    kernel, bias = (
+        to_numpy(w).astype(np.float64) for w in split.rest.layers[-1].weights
+    )
     assert_allclose(
         split.run_rest(hidden, False), pooled @ kernel + bias, rtol=1e-5, atol=1e-6
     )
@@ -364,7 +379,7 @@ def test_the_reference_reuses_a_frozen_prefix(alpha, mode, unshared_rows):
     for share in (True, False):
         counter = RowCounter()
         runs[share] = train(
-            lambda: frozen_prefix_model(counter),
+            functools.partial(frozen_prefix_model, counter),
             share,
             mode=mode,
             alpha=alpha,
@@ -387,7 +402,7 @@ def test_the_prefix_runs_once_per_step(mode):
     for share in (True, False):
         counter = RowCounter()
         train(
-            lambda: frozen_base_model(counter=counter),
+            functools.partial(frozen_base_model, counter=counter),
             share,
             mode=mode,
             run_eagerly=True,
@@ -403,7 +418,9 @@ def test_the_prefix_runs_once_per_step(mode):
 
 def test_opt_out_runs_the_whole_model_twice():
     counter = RowCounter()
-    model = train(lambda: frozen_base_model(counter=counter), False, run_eagerly=True)[2]
+    _, _, model = train(
+        lambda: frozen_base_model(counter=counter), False, run_eagerly=True
+    )
     assert model._prefix.split is None
     assert counter.rows == [16] * 8
     assert model.get_config()["share_prefix"] is False
@@ -423,10 +440,16 @@ def test_what_is_shared_is_said_once_at_info_level(caplog):
             return self.out(self.dropout(self.hidden(x), training=training))
 
     x, y = data()
-    for build, expected in ((Net, "not a functional model"), (frozen_base_model, "run once")):
+    for build, expected in (
+        (Net, "not a functional model"),
+        (frozen_base_model, "run once"),
+    ):
         model = RDropModel(build())
         model.compile(optimizer="sgd", loss=sparse_ce())
-        with caplog.at_level(logging.INFO, logger="keras_rdrop"), warnings.catch_warnings():
+        with (
+            caplog.at_level(logging.INFO, logger="keras_rdrop"),
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("error")
             model.fit(x, y, batch_size=8, epochs=2, verbose=0)
             model.fit(x, y, batch_size=8, epochs=1, verbose=0)
@@ -447,15 +470,17 @@ def test_predict_evaluate_and_saving_are_unchanged(tmp_path):
     assert model._prefix.split is not None
     # The split adds nothing to the inner model's config or its layers.
     assert inner.get_config() == config
-    assert_allclose(model.predict(x, verbose=0), inner.predict(x, verbose=0), 0, 0)
-    inner.compile(loss=sparse_ce())
+    predicted = inner.predict(x, verbose=0)
+    assert_allclose(model.predict(x, verbose=0), predicted, 0, 0)
     assert_allclose(
-        model.evaluate(x, y, verbose=0), inner.evaluate(x, y, verbose=0), 1e-6, 1e-6
+        model.evaluate(x, y, verbose=0), sparse_ce()(y, predicted), 1e-5, 1e-6
     )
     path = str(tmp_path / "inner.keras")
     inner.save(path)
     loaded = keras.saving.load_model(path, compile=False)
-    assert_allclose(loaded(x), inner(x), rtol=1e-6, atol=1e-6)
+    assert_allclose(
+        loaded.predict(x, verbose=0), inner.predict(x, verbose=0), 1e-6, 1e-6
+    )
     path = str(tmp_path / "rdrop.keras")
     model.save(path)
     restored = keras.saving.load_model(path)

@@ -26,6 +26,11 @@ KERAS_VARIANTS = {
     "rdrop_concat": "torch_rdrop",
     "anchor": "torch_anchor",
     "rdrop_anchor": "torch_rdrop_anchor",
+    # The same with `share_prefix=False`: the whole model runs in every pass.
+    "rdrop_seq_unshared": "torch_rdrop",
+    "rdrop_concat_unshared": "torch_rdrop",
+    "anchor_unshared": "torch_anchor",
+    "rdrop_anchor_unshared": "torch_rdrop_anchor",
     # Diagnostic, not run by default: the anchor with its per-batch hooks
     # removed (see README, "anchor host sync").
     "anchor_nohooks": "torch_anchor",
@@ -49,6 +54,8 @@ VARIANT_HELP = {
     "rdrop_concat": 'RDropModel(alpha=1, mode="concat"): one pass on [x; x]',
     "anchor": "RDropModel(alpha=0) + ReferenceKLRegularizer(beta=0.1)",
     "rdrop_anchor": 'RDropModel(alpha=1, mode="concat") + ReferenceKLRegularizer',
+    "<variant>_unshared": "rdrop_seq, rdrop_concat, anchor or rdrop_anchor with "
+    "share_prefix=False: every pass runs the whole model",
     "anchor_nohooks": "diagnostic: anchor, ReferenceKLRegularizer without its "
     "on_train_batch_begin/end (no per-step host sync)",
     "<variant>_sync": "diagnostic: plain, rdrop_seq or rdrop_concat plus a no-op "
@@ -68,6 +75,7 @@ QUICK_LOOPS = ("torch_plain", "torch_rdrop")
 FULL_SIZES = {
     "mlp": (20, 12, 2),
     "transformer": (4, 12, 1),
+    "frozen_base": (4, 12, 1),
     "bert_tiny": (4, 8, 1),
     "lm50k": (3, 3, 1),
     "lora": (4, 4, 1),
@@ -75,6 +83,7 @@ FULL_SIZES = {
 QUICK_SIZES = {
     "mlp": (10, 3, 2),
     "transformer": (3, 2, 1),
+    "frozen_base": (3, 2, 1),
     "bert_tiny": (3, 2, 1),
     "lm50k": (2, 1, 1),
     "lora": (3, 1, 1),
@@ -84,6 +93,7 @@ MODEL_NAMES = tuple(FULL_SIZES)
 MODELS_BATCH = {
     "mlp": 128,
     "transformer": 32,
+    "frozen_base": 32,
     "bert_tiny": 32,
     "lm50k": 2,
     "lora": 4,

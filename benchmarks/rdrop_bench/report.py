@@ -137,6 +137,8 @@ def markdown(run: dict) -> str:
         if result.get("logits_bytes") and measured:
             lines += copies_table(result, measured) + [""]
         lines += targets(summary)
+        if any(r["variant"].endswith("_unshared") for r in rows):
+            lines += [""] + prefix_targets(summary)
     return "\n".join(lines) + "\n"
 
 
@@ -354,3 +356,61 @@ def targets(summary: dict) -> list[str]:
                 ]
             )
     return table(["target", *backends], body)
+
+
+def prefix_targets(summary: dict) -> list[str]:
+    """The shared prefix against the whole model run in every pass
+    (`share_prefix=False`, the `_unshared` variants), and the recipe's goals
+    (issue 25): R-Drop ≤ 1.3× plain, the anchor ≤ 1.15× plain, R-Drop at
+    least 1.5× faster than the PyTorch loop's (× loop ≤ 1 / 1.5)."""
+    rows = summary["rows"]
+    by = {(r["backend"], r["variant"]): r for r in rows}
+    backends = [
+        b for b in dict.fromkeys(r["backend"] for r in rows) if b != "PyTorch loop"
+    ]
+
+    def cell(variant, key, limit=None):
+        out = []
+        for b in backends:
+            r = by.get((b, variant))
+            if r is None or r.get(key) is None:
+                out.append("—")
+                continue
+            value, cpu = r[key], r.get(key + "_cpu")
+            text = f"{value:.2f}" + (f" (CPU {cpu:.2f})" if cpu is not None else "")
+            if limit is not None:
+                hits = [v <= limit for v in (value, cpu) if v is not None]
+                text += (
+                    " met"
+                    if all(hits)
+                    else " MISSED"
+                    if not any(hits)
+                    else " borderline"
+                )
+            out.append(text)
+        return out
+
+    body = []
+    for variant, label, limit in (
+        ("rdrop_seq", "R-Drop sequential", 1.3),
+        ("rdrop_concat", "R-Drop concat", 1.3),
+        ("anchor", "anchor", 1.15),
+        ("rdrop_anchor", "R-Drop + anchor", None),
+    ):
+        if not any((b, variant) in by for b in backends):
+            continue
+        goal = f" ≤ {limit}" if limit is not None else ""
+        body.append(
+            [f"{label}, shared × plain{goal}", *cell(variant, "vs_plain", limit)]
+        )
+        body.append(
+            [f"{label}, unshared × plain", *cell(variant + "_unshared", "vs_plain")]
+        )
+        if variant.startswith("rdrop") and variant != "rdrop_anchor":
+            body.append(
+                [
+                    f"{label}, shared × PyTorch loop ≤ 0.67",
+                    *cell(variant, "vs_peer", 1 / 1.5),
+                ]
+            )
+    return table(["prefix sharing", *backends], body)

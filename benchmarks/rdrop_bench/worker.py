@@ -35,6 +35,10 @@ def build_keras_variant(variant, model_name, backend, jit, sync_every_step=False
 
     parsed = parse_variant(variant)
     base = parsed["base"]
+    # `share_prefix` is passed only where it is off, so that a variant can
+    # run a keras_rdrop from before it existed (`@LABEL`).
+    options = {"share_prefix": False} if base.endswith("_unshared") else {}
+    base = base.removesuffix("_unshared")
     inner = keras_models.build_keras_model(model_name)
     callbacks = []
     if sync_every_step or parsed["sync"]:
@@ -45,7 +49,7 @@ def build_keras_variant(variant, model_name, backend, jit, sync_every_step=False
         one_pass = ("wrapper", "anchor", "anchor_nohooks")
         alpha = 0.0 if base in one_pass else keras_models.ALPHA
         mode = "sequential" if base == "rdrop_seq" else "concat"
-        model = RDropModel(inner, alpha=alpha, mode=mode)
+        model = RDropModel(inner, alpha=alpha, mode=mode, **options)
         if base in ("anchor", "rdrop_anchor"):
             callbacks.append(ReferenceKLRegularizer(beta=keras_models.BETA))
         if base == "anchor_nohooks":

@@ -32,8 +32,8 @@ from keras_rdrop.src.model_checks import has_stochastic_layer, validate_bool
 from keras_rdrop.src.output_plan import PlanCache, PlanSettings
 from keras_rdrop.src.reference_penalty import ReferenceRun, kl_kind, weighted_penalty
 from keras_rdrop.src.reference_snapshot import ReferenceSnapshot
-from keras_rdrop.src.shared_prefix import PrefixSharing
 from keras_rdrop.src.seed_state import is_seed_key, load_seed_states, save_seed_states
+from keras_rdrop.src.shared_prefix import PrefixSharing
 from keras_rdrop.src.stacked_passes import split_passes, stack_twice
 from keras_rdrop.src.step_inputs import StepInputs
 from keras_rdrop.src.step_paths import select_path
@@ -430,7 +430,9 @@ class RDropModel(TaskPreprocessingModel):
         split = self._prefix.split
         if not training or split is None:
             return None
-        if self._rdrop_enabled() or (split.frozen and self._reference_run() is not None):
+        if self._rdrop_enabled() or (
+            split.frozen and self._reference_run() is not None
+        ):
             return split
         return None
 

@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import inspect
 import logging
-import warnings
 
 import keras
 import numpy as np
@@ -48,7 +47,6 @@ from keras_rdrop.src.keras_internals import flatten_layers, functional_graph
 from keras_rdrop.src.model_checks import has_stochastic_layer
 
 logger = logging.getLogger("keras_rdrop")
-_MASK_WARNING = r".*was passed an input with a mask attached to it.*"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,24 +70,29 @@ class PrefixSplit:
     size: int
 
     def run_rest(self, shared, training):
-        """`rest(shared)`, whose masks (if any) it reads from `shared`.
-
-        A functional model does not set `supports_masking` (its layers use
-        the mask), so Keras warns that the mask is lost for its *outputs*,
-        which get their own: that warning is not raised.
-        """
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_MASK_WARNING)
-            return self.rest(shared, training=training)
+        """`rest(shared)`, reading the masks (if any) that `shared` carries."""
+        return self.rest(shared, training=training)
 
     def run_rest_stateless(self, trainable, non_trainable, shared):
         """`rest.stateless_call` in inference mode (the reference's pass)."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_MASK_WARNING)
-            outputs, _ = self.rest.stateless_call(
-                trainable, non_trainable, shared, training=False
-            )
+        outputs, _ = self.rest.stateless_call(
+            trainable, non_trainable, shared, training=False
+        )
         return outputs
+
+
+class _Rest(keras.Model):
+    """The model after the prefix: a functional model that takes masked
+    inputs (a shared `Embedding(mask_zero=True)` output) without Keras'
+    warning that it would drop their masks. Its layers read the masks; its
+    outputs carry the masks its layers give them, and no other."""
+
+    def __init__(self, inputs, outputs, **kwargs):
+        super().__init__(inputs, outputs, **kwargs)
+        self.supports_masking = True
+
+    def compute_mask(self, inputs, previous_mask):
+        return None
 
 
 @functools.cache
@@ -233,7 +236,7 @@ def split_model(model: keras.Model) -> tuple[PrefixSplit | None, str]:
     # returns, and Keras warns when the structures differ.
     ends = frontier[0] if len(frontier) == 1 else frontier
     prefix = keras.Model(graph.inputs, ends, name=f"{model.name}_prefix")
-    rest = keras.Model(ends, graph.outputs, name=f"{model.name}_rest")
+    rest = _Rest(ends, graph.outputs, name=f"{model.name}_rest")
     frozen = not prefix.trainable_weights and all(
         _mode_independent(call) for call in in_prefix
     )
