@@ -263,6 +263,34 @@ def test_a_training_false_call_follows_this_keras():
         assert split is not None and split.size == 1
 
 
+def test_a_dropout_this_keras_switches_off_is_warned_about():
+    base = keras.Sequential([keras.Input((FEATURES,)), _dense(16, 1)], name="base")
+    base.trainable = False
+    inputs = keras.Input((FEATURES,))
+    h = keras.layers.Dropout(0.3, name="head_dropout")(base(inputs, training=False))
+    inner = keras.Model(inputs, _dense(NUM_CLASSES, 2)(h))
+    x, y = data()
+    for share in (True, False):
+        model = RDropModel(inner, share_prefix=share)
+        model.compile(optimizer="sgd", loss=sparse_ce())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            history = model.fit(x, y, batch_size=8, verbose=0)
+        warned = [
+            w
+            for w in caught
+            if issubclass(w.category, UserWarning)
+            and "'head_dropout' runs in inference" in str(w.message)
+        ]
+        if training_false_semantics()[1]:
+            assert len(warned) == 1
+            # As warned: the two passes are the same.
+            assert history.history["kl_loss"][0] < 1e-10
+        else:
+            assert not warned
+            assert history.history["kl_loss"][0] > 1e-6
+
+
 # --------------------------------------------- shared equals unshared training
 
 

@@ -616,8 +616,69 @@ def _row_by_beta(path: Path, heading: str, beta: str) -> dict:
     raise KeyError(f"{path.name}: no beta {beta} under {heading!r}")
 
 
+RECIPE_VARIANTS = {
+    "rdrop_seq": "R-Drop sequential, prefix shared / plain",
+    "rdrop_seq_unshared": "R-Drop sequential, whole model twice / plain",
+    "rdrop_concat": "R-Drop concat, prefix shared / plain",
+    "rdrop_concat_unshared": "R-Drop concat, whole model twice / plain",
+    "anchor": "anchor, prefix reused / plain",
+    "anchor_unshared": "anchor, whole reference pass / plain",
+    "rdrop_anchor": "R-Drop concat + anchor, prefix shared / plain",
+}
+
+
+def recipe_entries() -> list[Entry]:
+    """The frozen-base recipe (results/frozen-base): prefix sharing."""
+    src = "benchmarks/results/frozen-base.json"
+    if not (ROOT / src).exists():
+        return []
+    commit, rows = bench_rows("frozen-base.json")
+    out = []
+    for backend in ("jax", "tensorflow", "torch"):
+        for variant, what in RECIPE_VARIANTS.items():
+            row = rows.get(("frozen_base", backend, variant))
+            if row is None:
+                continue
+            for key, suffix, how in (
+                ("vs_plain", "", "step time (wall)"),
+                ("vs_plain_cpu", ".cpu", "CPU time"),
+            ):
+                out.append(
+                    Entry(
+                        f"bench.frozen_base.{backend}.{variant}{suffix}",
+                        f"{row[key]:.2f}",
+                        f"frozen base + head, {backend}: {what}, {how}",
+                        src,
+                        commit,
+                    )
+                )
+        for variant in ("rdrop_seq", "rdrop_concat"):
+            row = rows[("frozen_base", backend, variant)]
+            out.append(
+                Entry(
+                    f"bench.frozen_base.{backend}.{variant}.vs_loop",
+                    f"{row['vs_peer']:.2f}",
+                    f"frozen base + head, {backend}: {variant} / the PyTorch "
+                    "loop's R-Drop step (wall)",
+                    src,
+                    commit,
+                )
+            )
+    row = rows[("frozen_base", "PyTorch loop", "torch_rdrop")]
+    out.append(
+        Entry(
+            "bench.frozen_base.loop.rdrop",
+            f"{row['vs_plain']:.2f}",
+            "frozen base + head, the PyTorch R-Drop loop / the plain PyTorch loop",
+            src,
+            commit,
+        )
+    )
+    return out
+
+
 def entries() -> list[Entry]:
-    return bench_entries() + example_entries() + text_task_entries()
+    return bench_entries() + recipe_entries() + example_entries() + text_task_entries()
 
 
 def render(rows: list[Entry]) -> str:

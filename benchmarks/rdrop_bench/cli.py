@@ -29,6 +29,7 @@ from rdrop_bench.config import (
     HERE,
     KERAS_VARIANTS,
     LOOP_VARIANTS,
+    MAIN_TABLE_MODELS,
     MODEL_NAMES,
     NO_LOOP_MODELS,
     QUICK_LOOPS,
@@ -258,7 +259,7 @@ def main(argv=None):
     if args.model is None:
         models = ["mlp"] if args.quick else ["mlp", "transformer"]
     elif args.model == "all":
-        models = list(MODEL_NAMES)
+        models = list(MAIN_TABLE_MODELS)
     else:
         models = [args.model]
     if all(m in NO_LOOP_MODELS for m in models):

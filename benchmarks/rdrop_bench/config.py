@@ -89,6 +89,9 @@ QUICK_SIZES = {
     "lora": (3, 1, 1),
 }
 MODEL_NAMES = tuple(FULL_SIZES)
+# `--model all`: the main table (results/fused-all). The recipe model
+# (`frozen_base`) runs on its own, with the `_unshared` variants beside.
+MAIN_TABLE_MODELS = ("mlp", "transformer", "bert_tiny", "lm50k", "lora")
 # The batch sizes (keras_models.MODELS holds them too).
 MODELS_BATCH = {
     "mlp": 128,

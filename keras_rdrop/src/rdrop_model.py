@@ -378,7 +378,7 @@ class RDropModel(TaskPreprocessingModel):
         alternating anchored and plain `fit` calls trace each step once.
         `compile` clears them.
         """
-        self._prefix.prepare(self.model)
+        self._prefix.prepare(self.model, rdrop=self._rdrop_enabled())
         state = self._anchor_state()
         if self.train_function is not None and not force:
             if self._train_function_state == state:

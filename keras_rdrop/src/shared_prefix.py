@@ -38,6 +38,8 @@ import dataclasses
 import functools
 import inspect
 import logging
+import threading
+import warnings
 
 import keras
 import numpy as np
@@ -179,8 +181,7 @@ def split_model(model: keras.Model) -> tuple[PrefixSplit | None, str]:
     base = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16)])
     base.trainable = False
     inputs = keras.Input((8,))
-    h = base(inputs, training=False)
-    h = keras.layers.Dropout(0.3)(h)
+    h = keras.layers.Dropout(0.3)(base(inputs))
     model = keras.Model(inputs, keras.layers.Dense(3)(h))
     split, _ = split_model(model)
     split.size, split.frozen  # (1, True): the base runs once per step
@@ -243,6 +244,38 @@ def split_model(model: keras.Model) -> tuple[PrefixSplit | None, str]:
     return PrefixSplit(prefix, rest, frozen, len(in_prefix)), ""
 
 
+def dropout_switched_off(model: keras.Model) -> tuple[str, str] | None:
+    """A stochastic call that this Keras runs in inference mode in training.
+
+    Where Keras passes a call's own `training=False` on to the layers called
+    after it (`training_false_semantics`), a `Dropout` after a frozen base
+    called with `training=False` is off in training: R-Drop's passes are
+    then the same there.
+
+    Returns:
+        `(name of the call with training=False, name of the stochastic call
+        after it)`, or `None`.
+    """
+    if not training_false_semantics()[1]:
+        return None
+    graph = functional_graph(model)
+    if graph is None:
+        return None
+    frozen_call = None
+    for call in graph.calls:
+        explicit = call.kwargs.get("training")
+        if explicit is False and frozen_call is None:
+            frozen_call = call
+        elif (
+            frozen_call is not None
+            and explicit is None
+            and isinstance(call.operation, keras.layers.Layer)
+            and has_stochastic_layer(call.operation)
+        ):
+            return frozen_call.operation.name, call.operation.name
+    return None
+
+
 class PrefixSharing:
     """The training step's split of one inner model, made once.
 
@@ -257,17 +290,45 @@ class PrefixSharing:
         self.enabled = enabled
         self._model = None
         self._split = None
-        # The prefix's output in the step being traced (or run eagerly):
-        # set by `RDropModel.call`, read by the second pass and the reference.
-        self.outputs = None
+        # Per thread: `tf.distribute` runs each replica's step in a thread.
+        self._step = threading.local()
 
-    def prepare(self, model: keras.Model) -> PrefixSplit | None:
+    @property
+    def outputs(self):
+        """The prefix's output in the step being traced (or run eagerly):
+        set by `RDropModel.call`, read by the second pass and the reference,
+        cleared by `compute_loss`. `None` outside a training step."""
+        return getattr(self._step, "outputs", None)
+
+    @outputs.setter
+    def outputs(self, value):
+        self._step.outputs = value
+
+    def prepare(self, model: keras.Model, rdrop: bool = True) -> PrefixSplit | None:
         """Splits `model` the first time; says once, at info level, what was
-        shared or why nothing is."""
-        if not self.enabled:
-            return None
-        if self._model is not model:
-            self._model = model
+        shared or why nothing is.
+
+        Also warns, once, where this Keras switches dropout off after a call
+        with `training=False` (`dropout_switched_off`) and R-Drop is on.
+        """
+        if self._model is model:
+            return self.split
+        self._model = model
+        switched_off = dropout_switched_off(model) if rdrop else None
+        if switched_off is not None:
+            warnings.warn(
+                f"In model {model.name!r}, {switched_off[0]!r} is called with "
+                "`training=False`, and this Keras version passes that on to "
+                f"the layers called after it: {switched_off[1]!r} runs in "
+                "inference mode during training, its dropout off, so R-Drop's "
+                "two passes do not differ there. Call the frozen base without "
+                "`training=False` (a frozen BatchNormalization runs in "
+                "inference mode anyway), and build it with its dropout rates "
+                "at 0 if it has dropout.",
+                UserWarning,
+                stacklevel=2,
+            )
+        if self.enabled:
             self._split, reason = split_model(model)
             if self._split is None:
                 logger.info(
@@ -283,7 +344,7 @@ class PrefixSharing:
                     model.name,
                     "; the reference reuses them" if self._split.frozen else "",
                 )
-        return self._split
+        return self.split
 
     @property
     def split(self) -> PrefixSplit | None:
