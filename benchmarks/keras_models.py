@@ -43,21 +43,6 @@ MODELS = {
         "num_classes": 2,
         "dropout": 0.1,
     },
-    # The Keras transfer-learning recipe: the transformer's body (embeddings,
-    # encoder layers, pooling; no dropout inside, as a feature extractor),
-    # frozen, then dropout and a trainable 2-class head.
-    "frozen_base": {
-        "batch_size": 32,
-        "vocab_size": 8000,
-        "seq_len": 64,
-        "width": 128,
-        "num_layers": 2,
-        "num_heads": 4,
-        "ff_dim": 512,
-        "num_classes": 2,
-        "dropout": 0.1,
-        "body_dropout": 0.0,
-    },
     # A large sequence output for memory: logits of shape (2, 512, 50257).
     "lm50k": {
         "batch_size": 2,
@@ -85,6 +70,11 @@ MODELS = {
         "dropout": 0.1,
     },
 }
+
+# The Keras transfer-learning recipe: the transformer's body (embeddings,
+# encoder layers, pooling; no dropout inside, as a feature extractor),
+# frozen, then dropout and a trainable 2-class head.
+MODELS["frozen_base"] = dict(MODELS["transformer"], body_dropout=0.0)
 
 # Optimizer and loss settings shared by every variant, Keras and PyTorch.
 LEARNING_RATE = 1e-3

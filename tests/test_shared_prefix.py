@@ -93,6 +93,19 @@ def masked_sequence_model(vocab=20, length=6):
     return keras.Model(tokens, _dense(NUM_CLASSES, 5)(h))
 
 
+class SubclassedNet(keras.Model):
+    """Dense, Dropout, Dense in Python code: no graph to split."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = _dense(16, 1)
+        self.dropout = keras.layers.Dropout(0.3)
+        self.out = _dense(NUM_CLASSES, 2)
+
+    def call(self, x, training=None):
+        return self.out(self.dropout(self.hidden(x), training=training))
+
+
 def data(n=32, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, FEATURES)).astype("float32")
@@ -209,17 +222,7 @@ def test_models_that_cannot_be_split_say_why(build, reason):
 
 
 def test_a_subclassed_model_cannot_be_split():
-    class Net(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.hidden = _dense(16, 1)
-            self.dropout = keras.layers.Dropout(0.3)
-            self.out = _dense(NUM_CLASSES, 2)
-
-        def call(self, x, training=None):
-            return self.out(self.dropout(self.hidden(x), training=training))
-
-    split, why = split_model(Net())
+    split, why = split_model(SubclassedNet())
     assert split is None and "not a functional model" in why
 
 
@@ -459,19 +462,9 @@ def test_opt_out_runs_the_whole_model_twice():
 
 
 def test_what_is_shared_is_said_once_at_info_level(caplog):
-    class Net(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.hidden = _dense(16, 1)
-            self.dropout = keras.layers.Dropout(0.3)
-            self.out = _dense(NUM_CLASSES, 2)
-
-        def call(self, x, training=None):
-            return self.out(self.dropout(self.hidden(x), training=training))
-
     x, y = data()
     for build, expected in (
-        (Net, "not a functional model"),
+        (SubclassedNet, "not a functional model"),
         (frozen_base_model, "run once"),
     ):
         model = RDropModel(build())

@@ -135,8 +135,10 @@ def xla_memory(model, x, y) -> dict | None:
     `temp`: scratch buffers live during the step (activations, gradients,
     temporaries) at their peak, exact and free of allocator effects;
     `arguments`: the state and the batch passed in (weights, optimizer slots,
-    the snapshot); `code`: the generated code. Recompiles `train_step` with
-    the same shapes (after the timed rounds, so nothing is perturbed).
+    the snapshot); `code`: the generated code. Also XLA's cost analysis of
+    the step: GFLOP, transcendental operations (millions) and bytes
+    accessed. Recompiles `train_step` with the same shapes (after the timed
+    rounds, so nothing is perturbed).
     """
     try:
         import jax
@@ -153,12 +155,23 @@ def xla_memory(model, x, y) -> dict | None:
         compiled = jax.jit(model.train_step, donate_argnums=0).lower(*spec).compile()
         stats = compiled.memory_analysis()
         mb = 1 / 2**20
-        return {
+        out = {
             "temp_mb": stats.temp_size_in_bytes * mb,
             "arguments_mb": stats.argument_size_in_bytes * mb,
             "outputs_mb": stats.output_size_in_bytes * mb,
             "code_mb": stats.generated_code_size_in_bytes * mb,
         }
+        # XLA's count of the work in one step: floating-point operations,
+        # transcendental ones (exp, log, ...) and bytes read and written.
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        if cost:
+            out.update(
+                gflop=cost.get("flops", 0.0) / 1e9,
+                mega_transcendentals=cost.get("transcendentals", 0.0) / 1e6,
+                bytes_accessed_mb=cost.get("bytes accessed", 0.0) * mb,
+            )
+        return out
     except Exception as error:  # noqa: BLE001 - informative only
         return {"error": repr(error)}
 

@@ -137,6 +137,7 @@ def markdown(run: dict) -> str:
         if result.get("logits_bytes") and measured:
             lines += copies_table(result, measured) + [""]
         lines += targets(summary)
+        lines += xla_cost_table(rows)
         if any(r["variant"].endswith("_unshared") for r in rows):
             lines += [""] + prefix_targets(summary)
     return "\n".join(lines) + "\n"
@@ -283,6 +284,26 @@ def memory_cell(by, backend, variant, weights, activations) -> str:
     return f"{delta:+.1f} ≤ {budget:.1f} ({kind}) {mark}"
 
 
+def ratio_cells(by, backends, variant, key, limit=None, spec=".2f") -> list[str]:
+    """One cell per backend: the row's ratio `key` (and its CPU-time one),
+    marked "met", "MISSED" or "borderline" against `limit` if given."""
+    out = []
+    for b in backends:
+        r = by.get((b, variant))
+        value = None if r is None else r.get(key)
+        text = fmt(value, spec)
+        cpu = None if r is None else r.get(key + "_cpu")
+        if cpu is not None:
+            text += f" (CPU {cpu:{spec}})"
+        if value is not None and limit is not None:
+            hits = [v <= limit for v in (value, cpu) if v is not None]
+            text += (
+                " met" if all(hits) else " MISSED" if not any(hits) else " borderline"
+            )
+        out.append(text)
+    return out
+
+
 def targets(summary: dict) -> list[str]:
     rows = summary["rows"]
     weights, activations = summary["weight_mb"], summary["activation_mb"]
@@ -292,25 +313,7 @@ def targets(summary: dict) -> list[str]:
     ]
 
     def cells(variant, key, limit=None, spec=".2f"):
-        out = []
-        for b in backends:
-            r = by.get((b, variant))
-            value = None if r is None else r[key]
-            text = fmt(value, spec)
-            cpu = None if r is None else r.get(key + "_cpu")
-            if cpu is not None:
-                text += f" (CPU {cpu:{spec}})"
-            if value is not None and limit is not None:
-                hits = [v <= limit for v in (value, cpu) if v is not None]
-                text += (
-                    " met"
-                    if all(hits)
-                    else " MISSED"
-                    if not any(hits)
-                    else " borderline"
-                )
-            out.append(text)
-        return out
+        return ratio_cells(by, backends, variant, key, limit, spec)
 
     faster = []
     for b in backends:
@@ -370,25 +373,7 @@ def prefix_targets(summary: dict) -> list[str]:
     ]
 
     def cell(variant, key, limit=None):
-        out = []
-        for b in backends:
-            r = by.get((b, variant))
-            if r is None or r.get(key) is None:
-                out.append("—")
-                continue
-            value, cpu = r[key], r.get(key + "_cpu")
-            text = f"{value:.2f}" + (f" (CPU {cpu:.2f})" if cpu is not None else "")
-            if limit is not None:
-                hits = [v <= limit for v in (value, cpu) if v is not None]
-                text += (
-                    " met"
-                    if all(hits)
-                    else " MISSED"
-                    if not any(hits)
-                    else " borderline"
-                )
-            out.append(text)
-        return out
+        return ratio_cells(by, backends, variant, key, limit)
 
     body = []
     for variant, label, limit in (
@@ -414,3 +399,36 @@ def prefix_targets(summary: dict) -> list[str]:
                 ]
             )
     return table(["prefix sharing", *backends], body)
+
+
+def xla_cost_table(rows: list[dict]) -> list[str]:
+    """XLA's cost analysis of each JAX variant's step, against plain's: what
+    a step computes, whatever the machine does with it."""
+    costed = [
+        r
+        for r in rows
+        if r["backend"] == "jax" and (r.get("xla") or {}).get("gflop") is not None
+    ]
+    plain = next((r["xla"] for r in costed if r["variant"] == "plain"), None)
+    if not costed or plain is None:
+        return []
+    body = []
+    for r in costed:
+        cells = [r["variant"]]
+        for key, spec in (
+            ("gflop", ".3f"),
+            ("mega_transcendentals", ".2f"),
+            ("bytes_accessed_mb", ".1f"),
+        ):
+            value, base = r["xla"][key], plain[key]
+            ratio = f"{value / base:.2f}" if base else "—"
+            cells.append(f"{value:{spec}} ({ratio}×)")
+        body.append(cells)
+    return [
+        "",
+        "XLA's cost analysis of one JAX training step (× plain):",
+        "",
+        *table(
+            ["variant", "GFLOP", "transcendentals (M)", "bytes accessed (MB)"], body
+        ),
+    ]

@@ -308,6 +308,10 @@ class RDropModel(TaskPreprocessingModel):
             # RDropModel has no weights of its own: it is built when the inner
             # model is (BackupAndRestore, for one, requires a built model).
             self.built = True
+        self._warn_if_passes_are_equal(model)
+
+    def _warn_if_passes_are_equal(self, model) -> None:
+        """Warns when the model has no stochastic layer to differ by."""
         if self._rdrop_enabled() and not has_stochastic_layer(model):
             warnings.warn(
                 f"The model {model.name!r} has no stochastic layer (Dropout, "
@@ -316,7 +320,7 @@ class RDropModel(TaskPreprocessingModel):
                 '"concat" mode, up to float rounding). Add dropout or set '
                 "alpha=0.",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
 
     def _rdrop_enabled(self) -> bool:
