@@ -429,6 +429,32 @@ def test_the_reference_reuses_a_frozen_prefix(alpha, mode, unshared_rows):
     assert rows[False] == unshared_rows * 8
 
 
+def test_a_prefix_unfrozen_between_fits_is_no_longer_reused():
+    # Frozen: the reference reuses the live prefix. Unfrozen (and compiled
+    # again) the prefix trains away from θ0: the reference runs it again.
+    def run(share):
+        keras.utils.set_random_seed(0)
+        inner = frozen_prefix_model(RowCounter())
+        model = RDropModel(inner, alpha=0.0, share_prefix=share)
+        x, y = data()
+        logs = []
+        for trainable in (False, True):
+            inner.layers[1].trainable = trainable
+            model.compile(optimizer=keras.optimizers.SGD(0.5), loss=sparse_ce())
+            anchor = ReferenceKLRegularizer(beta=0.5)
+            history = model.fit(
+                x, y, batch_size=8, epochs=2, verbose=0, callbacks=[anchor]
+            )
+            logs.append(history.history)
+        return logs, [to_numpy(w) for w in inner.weights]
+
+    (shared_logs, shared_weights) = run(True)
+    (unshared_logs, unshared_weights) = run(False)
+    for shared, unshared in zip(shared_logs, unshared_logs):
+        assert_same_training((shared, shared_weights), (unshared, unshared_weights))
+    assert shared_logs[1]["ref_kl"][-1] > 1e-4  # the base moved away from θ0
+
+
 @pytest.mark.parametrize("mode", ["concat", "sequential"])
 def test_the_prefix_runs_once_per_step(mode):
     rows = {}

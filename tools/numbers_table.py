@@ -652,14 +652,14 @@ def recipe_entries() -> list[Entry]:
                         commit,
                     )
                 )
-        for variant in ("rdrop_seq", "rdrop_concat"):
+        for variant in ("plain", "rdrop_seq", "rdrop_concat"):
             row = rows[("frozen_base", backend, variant)]
             out.append(
                 Entry(
                     f"bench.frozen_base.{backend}.{variant}.vs_loop",
                     f"{row['vs_peer']:.2f}",
                     f"frozen base + head, {backend}: {variant} / the PyTorch "
-                    "loop's R-Drop step (wall)",
+                    f"loop's {row['peer']} step (wall)",
                     src,
                     commit,
                 )

@@ -186,18 +186,21 @@ class RDropModel(TaskPreprocessingModel):
         share_prefix: Whether the training step runs once what dropout
             cannot change. In a functional model (a `Sequential` one with an
             `Input`, or a keras-hub task), every layer before the first
-            stochastic one, and any sub-model called with `training=False`
-            (a frozen base in the Keras transfer-learning recipe), gives the
-            same output in both passes: it runs once per step, and only the
-            rest of the model runs twice (on the prefix's output stacked with
-            itself in `"concat"` mode). Where that prefix is frozen and does
-            not depend on the training flag, the anchor's reference reuses
-            its output too. The losses and gradients are those of two whole
-            passes, up to float rounding; BatchNormalization in the prefix
-            updates its moving statistics once per step, as in `"concat"`
-            mode. A model that cannot be split (subclassed, or stochastic from
-            its first layer) runs whole, and the first training step says so
-            in the `"keras_rdrop"` logger, at info level. `predict`,
+            stochastic one (a frozen base without dropout, in the Keras
+            transfer-learning recipe) gives the same output in both passes:
+            it runs once per step, and only the rest of the model runs twice
+            (on the prefix's output stacked with itself in `"concat"` mode).
+            A sub-model called with `training=False` counts as deterministic
+            where the installed Keras runs it in inference mode (the guide's
+            "What runs twice" says which releases do). Where that prefix is
+            frozen and does not depend on the training flag, the anchor's
+            reference reuses its output too. The losses and gradients are
+            those of two whole passes, up to float rounding;
+            BatchNormalization in the prefix updates its moving statistics
+            once per step, as in `"concat"` mode. A model that cannot be
+            split (subclassed, or stochastic from its first layer) runs
+            whole, and the first training step says so in the
+            `"keras_rdrop"` logger, at info level. `predict`,
             `evaluate` and saving are not affected. Defaults to `True`.
         **kwargs: Passed to `keras.Model` (`name`, `trainable`, ...).
 
@@ -502,7 +505,10 @@ class RDropModel(TaskPreprocessingModel):
         shared = self._prefix.outputs
         if split is None or not split.frozen or shared is None:
             return reference
-        if self.reference.copies_any(self.model, split.prefix.weights):
+        # Checked at each trace: layers may be unfrozen between `fit` calls.
+        if split.prefix.trainable_weights or self.reference.copies_any(
+            self.model, split.prefix.weights
+        ):
             return reference
         return dataclasses.replace(reference, rest=split, shared=shared)
 
