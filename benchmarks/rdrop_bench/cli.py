@@ -233,7 +233,7 @@ def main(argv=None):
         args.variants = [
             v
             for v in (QUICK_VARIANTS if args.quick else KERAS_VARIANTS)
-            if v not in DIAGNOSTIC_VARIANTS
+            if v not in DIAGNOSTIC_VARIANTS and not v.endswith("_unshared")
         ]
     if args.loops == "none":
         args.loop_variants = []

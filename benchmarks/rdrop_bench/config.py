@@ -26,7 +26,8 @@ KERAS_VARIANTS = {
     "rdrop_concat": "torch_rdrop",
     "anchor": "torch_anchor",
     "rdrop_anchor": "torch_rdrop_anchor",
-    # The same with `share_prefix=False`: the whole model runs in every pass.
+    # The same with `share_prefix=False`: the whole model runs in every pass
+    # (not run by default: name them in --variants).
     "rdrop_seq_unshared": "torch_rdrop",
     "rdrop_concat_unshared": "torch_rdrop",
     "anchor_unshared": "torch_anchor",
