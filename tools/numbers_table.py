@@ -198,6 +198,38 @@ def bench_entries() -> list[Entry]:
                 commit,
             )
         )
+    # LoRA has no PyTorch-loop peer: its ratios to plain only.
+    for backend in ("jax", "tensorflow", "torch"):
+        for variant, what in VARIANTS.items():
+            row = rows["lora", backend, variant]
+            out.append(
+                Entry(
+                    f"bench.lora.{backend}.{variant}",
+                    f"{row['vs_plain']:.2f}",
+                    f"LoRA, {backend}: {what}, step time (wall)",
+                    src,
+                    commit,
+                )
+            )
+    # XLA's cost analysis of the JAX step: R-Drop's work over plain's.
+    for model, label in {**MODELS, "lora": "LoRA"}.items():
+        plain = rows[model, "jax", "plain"]["xla"]
+        for variant in ("rdrop_seq", "rdrop_concat"):
+            xla = rows[model, "jax", variant]["xla"]
+            for key, what in (
+                ("gflop", "floating-point operations"),
+                ("mega_transcendentals", "transcendental operations (exp, log)"),
+            ):
+                out.append(
+                    Entry(
+                        f"bench.{model}.jax.{variant}.xla_{key}",
+                        f"{xla[key] / plain[key]:.2f}",
+                        f"{label}, JAX: {variant} / plain, XLA's count of {what} "
+                        "in one training step",
+                        src,
+                        commit,
+                    )
+                )
     for backend in ("jax", "tensorflow", "torch"):
         plain = rows["lm50k", backend, "plain"]
         logits_mb = plain["logits_bytes"] / 2**20
