@@ -174,7 +174,7 @@ def test_split_of_the_frozen_base_recipe():
     ]
     x = data()[0]
     assert_allclose(
-        ops.stop_gradient(split.run_rest(split.prefix(x), False)),
+        ops.stop_gradient(split.rest(split.prefix(x), training=False)),
         ops.stop_gradient(model(x)),
         rtol=1e-6,
         atol=1e-6,
@@ -287,7 +287,8 @@ def test_a_dropout_this_keras_switches_off_is_warned_about():
         ]
         if training_false_semantics()[1]:
             assert len(warned) == 1
-            # As warned: the two passes are the same.
+            # As warned: the two passes are the same (in concat mode the two
+            # halves of one matmul may differ at rounding level, not more).
             assert history.history["kl_loss"][0] < 1e-10
         else:
             assert not warned
@@ -368,7 +369,7 @@ def test_masks_cross_the_split(mode):
         to_numpy(w).astype(np.float64) for w in split.rest.layers[-1].weights
     )
     assert_allclose(
-        split.run_rest(hidden, False), pooled @ kernel + bias, rtol=1e-5, atol=1e-6
+        split.rest(hidden, training=False), pooled @ kernel + bias, rtol=1e-5, atol=1e-6
     )
 
 
@@ -520,7 +521,9 @@ def test_predict_evaluate_and_saving_are_unchanged(tmp_path):
     # The split adds nothing to the inner model's config or its layers.
     assert inner.get_config() == config
     predicted = inner.predict(x, verbose=0)
-    assert_allclose(model.predict(x, verbose=0), predicted, 0, 0)
+    # The same layers and weights, compiled in two step functions: equal up
+    # to rounding (XLA may fuse the two programs differently).
+    assert_allclose(model.predict(x, verbose=0), predicted, 1e-6, 1e-7)
     assert_allclose(
         model.evaluate(x, y, verbose=0), sparse_ce()(y, predicted), 1e-5, 1e-6
     )
@@ -534,7 +537,9 @@ def test_predict_evaluate_and_saving_are_unchanged(tmp_path):
     model.save(path)
     restored = keras.saving.load_model(path)
     assert restored.share_prefix is True
-    assert_allclose(restored.predict(x, verbose=0), inner.predict(x, verbose=0), 0, 0)
+    assert_allclose(
+        restored.predict(x, verbose=0), inner.predict(x, verbose=0), 1e-6, 1e-7
+    )
 
 
 def test_a_direct_training_call_returns_both_passes():

@@ -452,8 +452,8 @@ class RDropModel(TaskPreprocessingModel):
         shared = split.prefix(inputs, training=training)
         self._prefix.outputs = shared
         if self._stacks(training):
-            return split.run_rest(stack_twice(shared), training)
-        return split.run_rest(shared, training)
+            return split.rest(stack_twice(shared), training=training)
+        return split.rest(shared, training=training)
 
     # ------------------------------------------------------------------ loss
 
@@ -510,7 +510,7 @@ class RDropModel(TaskPreprocessingModel):
             self.model, split.prefix.weights
         ):
             return reference
-        return dataclasses.replace(reference, rest=split, shared=shared)
+        return dataclasses.replace(reference, split=split, shared=shared)
 
     def _check_step(self, y, y_pred, training) -> None:
         """Stops a step that cannot compute its loss, saying how to fix it."""
@@ -565,7 +565,7 @@ class RDropModel(TaskPreprocessingModel):
         split = self._shared_split(True)
         if split is None or self._prefix.outputs is None:
             return self.model(x, training=True)
-        return split.run_rest(self._prefix.outputs, True)
+        return split.rest(self._prefix.outputs, training=True)
 
     def _plan_settings(self) -> PlanSettings:
         return PlanSettings(

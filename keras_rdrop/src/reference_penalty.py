@@ -59,7 +59,7 @@ class ReferenceRun:
         snapshot: The model's `ReferenceSnapshot` (θ0).
         model: The inner model whose weights the snapshot copies.
         kind: The `PairwiseTerm` kind of the KL to the reference.
-        rest: Where the model's frozen prefix is shared: its
+        split: Where the model's frozen prefix is shared: its
             `shared_prefix.PrefixSplit`, whose rest the reference runs on
             `shared`; else `None` (the reference runs the whole model).
         shared: The live prefix's output on the batch, or `None`.
@@ -68,7 +68,7 @@ class ReferenceRun:
     snapshot: Any
     model: keras.Model
     kind: str
-    rest: Any = None
+    split: Any = None
     shared: Any = None
 
 
@@ -85,13 +85,13 @@ def reference_outputs(reference: ReferenceRun, plan, x, y_pred):
         `(flat_live, flat_ref)`, two lists of tensors of the same shapes.
     """
     model = reference.model
-    if reference.rest is None:
+    if reference.split is None:
         trainable, non_trainable = reference.snapshot.reference_values(model)
         ref_pred, _ = model.stateless_call(trainable, non_trainable, x, training=False)
     else:
         # A frozen prefix holds θ0 and ignores the training flag: its live
         # output is the reference's; only the rest runs again.
-        split = reference.rest
+        split = reference.split
         trainable, non_trainable = reference.snapshot.reference_values(
             model, split.rest
         )

@@ -319,9 +319,15 @@ class ReferenceSnapshot(keras.layers.Layer):
 
     # ------------------------------------------------------------- the step
 
+    def _copy_index(self, model: keras.Model) -> dict:
+        """`{id(weight): index of its copy}`, kept until the copies change."""
+        if self._value_map is None:
+            self._value_map = {id(w): i for i, (w, _) in enumerate(self.copies(model))}
+        return self._value_map
+
     def copies_any(self, model: keras.Model, weights) -> bool:
         """Whether the snapshot holds a copy of any of `weights` of `model`."""
-        copied = {id(w) for w, _ in self.copies(model)}
+        copied = self._copy_index(model)
         return any(id(w) in copied for w in weights)
 
     def reference_values(self, model, target=None):
@@ -333,11 +339,10 @@ class ReferenceSnapshot(keras.layers.Layer):
                 split model, `shared_prefix`). Defaults to `model`.
         """
         target = model if target is None else target
-        if self._value_map is None:
-            self._value_map = {id(w): i for i, (w, _) in enumerate(self.copies(model))}
+        copied = self._copy_index(model)
 
         def value(variable):
-            index = self._value_map.get(id(variable))
+            index = copied.get(id(variable))
             if index is None:
                 # Frozen weights (still θ0) and integer state such as seeds:
                 # read from the live model, not copied.

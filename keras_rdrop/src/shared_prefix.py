@@ -1,8 +1,8 @@
 """The part of a model that dropout cannot change, run once per training step.
 
-In the common fine-tuning recipe (a frozen base called with `training=False`,
-then `Dropout` and a new head), everything before the first stochastic layer
-gives the same result in both of R-Drop's passes. `split_model` finds that
+In the common fine-tuning recipe (a frozen base, then `Dropout` and a new
+head), everything before the first stochastic layer gives the same result in
+both of R-Drop's passes. `split_model` finds that
 prefix in a functional model's graph and splits the model in two:
 
 - `prefix`: the model's inputs to the tensors where the prefix ends (the
@@ -59,10 +59,11 @@ class PrefixSplit:
         prefix: `keras.Model` from the model's inputs to the frontier.
         rest: `keras.Model` from the frontier to the model's outputs.
         frozen: Whether the prefix has no trainable weight and gives the same
-            output in training and inference mode (every call in it either
-            takes no `training` argument or is called with `training=False`):
-            then θ0's prefix gives what the live one gives, as long as the
-            reference snapshot copies none of its weights.
+            output in training and inference mode (`_mode_independent`: no
+            trainable BatchNormalization, no layer outside Keras that takes
+            `training`, unless called in inference mode): then θ0's prefix
+            gives what the live one gives, as long as the reference snapshot
+            copies none of its weights.
         size: The number of calls in the prefix.
     """
 
@@ -70,10 +71,6 @@ class PrefixSplit:
     rest: keras.Model
     frozen: bool
     size: int
-
-    def run_rest(self, shared, training):
-        """`rest(shared)`, reading the masks (if any) that `shared` carries."""
-        return self.rest(shared, training=training)
 
     def run_rest_stateless(self, trainable, non_trainable, shared):
         """`rest.stateless_call` in inference mode (the reference's pass)."""
@@ -208,15 +205,6 @@ def split_model(model: keras.Model) -> tuple[PrefixSplit | None, str]:
                 f"its output {tensor.name!r} does not depend on any stochastic "
                 "layer, so the two passes give it the same value"
             )
-    prefix_ids = {id(call) for call in in_prefix}
-    frontier, seen = [], set()
-    for call in graph.calls:
-        if id(call) in prefix_ids:
-            continue
-        for tensor in call.inputs:
-            if id(tensor) in deterministic and id(tensor) not in seen:
-                seen.add(id(tensor))
-                frontier.append(tensor)
     if training_false_semantics()[1]:
         for call in in_prefix:
             if "training" in call.kwargs:
@@ -227,6 +215,15 @@ def split_model(model: keras.Model) -> tuple[PrefixSplit | None, str]:
                     "called after it (the stochastic ones included), and the "
                     "part after a shared prefix would not inherit it"
                 )
+    prefix_ids = {id(call) for call in in_prefix}
+    frontier, seen = [], set()
+    for call in graph.calls:
+        if id(call) in prefix_ids:
+            continue
+        for tensor in call.inputs:
+            if id(tensor) in deterministic and id(tensor) not in seen:
+                seen.add(id(tensor))
+                frontier.append(tensor)
     input_ids = {id(t) for t in flat_inputs}
     if all(id(t) in input_ids for t in frontier):
         return None, (
