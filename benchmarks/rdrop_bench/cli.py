@@ -224,6 +224,13 @@ def main(argv=None):
     overrides = dict(item.split("=", 1) for item in args.python)
     multi = args.all_backends or len(backends) > 1
     args.pythons = {b: resolve_python(b, overrides, multi) for b in backends}
+    # TensorFlow's XLA step is costed by the XLA that JAX ships (hlo_cost).
+    args.cost_python = None
+    if "tensorflow" in backends:
+        try:
+            args.cost_python = resolve_python("jax", overrides, True)
+        except SystemExit:
+            pass
 
     if args.processes is None:
         args.processes = "per-backend" if args.quick else "per-variant"

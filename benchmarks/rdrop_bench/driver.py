@@ -189,6 +189,7 @@ def run_model(args, model_name: str, log_dir: Path) -> dict:
             "threads": args.threads,
             "jit": args.jit,
             "sync_every_step": args.sync_every_step,
+            "cost_python": getattr(args, "cost_python", None),
         }
         if profile_dir:
             spec["profile"] = str(profile_dir / f"{name}.txt")

@@ -402,33 +402,38 @@ def prefix_targets(summary: dict) -> list[str]:
 
 
 def xla_cost_table(rows: list[dict]) -> list[str]:
-    """XLA's cost analysis of each JAX variant's step, against plain's: what
-    a step computes, whatever the machine does with it."""
-    costed = [
-        r
-        for r in rows
-        if r["backend"] == "jax" and (r.get("xla") or {}).get("gflop") is not None
-    ]
-    plain = next((r["xla"] for r in costed if r["variant"] == "plain"), None)
-    if not costed or plain is None:
-        return []
-    body = []
-    for r in costed:
-        cells = [r["variant"]]
-        for key, spec in (
-            ("gflop", ".3f"),
-            ("mega_transcendentals", ".2f"),
-            ("bytes_accessed_mb", ".1f"),
-        ):
-            value, base = r["xla"][key], plain[key]
-            ratio = f"{value / base:.2f}" if base else "—"
-            cells.append(f"{value:{spec}} ({ratio}×)")
-        body.append(cells)
-    return [
-        "",
-        "XLA's cost analysis of one JAX training step (× plain):",
-        "",
-        *table(
-            ["variant", "GFLOP", "transcendentals (M)", "bytes accessed (MB)"], body
-        ),
-    ]
+    """XLA's cost analysis of each variant's step, against plain's, on JAX
+    and on TensorFlow (costed from its XLA dump): what a step computes,
+    whatever the machine does with it."""
+    lines = []
+    for backend, name in (("jax", "JAX"), ("tensorflow", "TensorFlow (XLA)")):
+        costed = [
+            r
+            for r in rows
+            if r["backend"] == backend and (r.get("xla") or {}).get("gflop") is not None
+        ]
+        plain = next((r["xla"] for r in costed if r["variant"] == "plain"), None)
+        if not costed or plain is None:
+            continue
+        body = []
+        for r in costed:
+            cells = [r["variant"]]
+            for key, spec in (
+                ("gflop", ".3f"),
+                ("mega_transcendentals", ".2f"),
+                ("bytes_accessed_mb", ".1f"),
+            ):
+                value, base = r["xla"][key], plain[key]
+                ratio = f"{value / base:.2f}" if base else "—"
+                cells.append(f"{value:{spec}} ({ratio}×)")
+            body.append(cells)
+        lines += [
+            "",
+            f"XLA's cost analysis of one {name} training step (× plain):",
+            "",
+            *table(
+                ["variant", "GFLOP", "transcendentals (M)", "bytes accessed (MB)"],
+                body,
+            ),
+        ]
+    return lines

@@ -214,7 +214,7 @@ def keras_worker(spec: dict):
         if backend == "jax":
             finished["xla"] = xla_memory(model, xb, yb)
         if backend == "tensorflow":
-            finished["xla"] = tf_xla_memory(tf_xla_dump)
+            finished["xla"] = tf_xla_memory(tf_xla_dump, spec.get("cost_python"))
         if backend == "torch" and model.jit_compile is True:
             finished["torch_compile"] = _dynamo_summary()
         # Exact bytes of the variables (the anchor's snapshot: extra_mb).

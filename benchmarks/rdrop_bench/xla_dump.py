@@ -13,6 +13,8 @@ import re
 import shutil
 from pathlib import Path
 
+from rdrop_bench.hlo_cost import cost_in
+
 
 def tf_xla_dump_dir(spec: dict) -> str | None:
     """Makes TensorFlow's XLA dump the compiled train step's buffer assignment.
@@ -34,14 +36,15 @@ def tf_xla_dump_dir(spec: dict) -> str | None:
     return folder
 
 
-def tf_xla_memory(folder: str | None) -> dict | None:
+def tf_xla_memory(folder: str | None, cost_python: str | None = None) -> dict | None:
     """XLA's buffer assignment of TensorFlow's compiled train step, in MB.
 
     The counterpart of `memory.xla_memory` on JAX, read from the dump: `temp` is
     XLA's preallocated scratch buffer of the step (activations, gradients,
     temporaries at their peak), `arguments` the parameters passed in
     (variables, optimizer slots, the batch). With several compiled train
-    steps (a retrace), the largest.
+    steps (a retrace), the largest. With `cost_python` (a Python with JAX),
+    also XLA's cost analysis of that step (`hlo_cost`), as JAX's has.
     """
     if folder is None:
         return None
@@ -58,15 +61,19 @@ def tf_xla_memory(folder: str | None) -> dict | None:
                 elif kind.startswith("parameter"):
                     arguments += size
             if best is None or temp > best[0]:
-                best = (temp, arguments)
+                best = (temp, arguments, path)
         if best is None:
             return {"error": "no XLA dump of the train step"}
         mb = 1 / 2**20
-        return {
+        out = {
             "temp_mb": best[0] * mb,
             "arguments_mb": best[1] * mb,
             "source": "XLA dump (TensorFlow)",
         }
+        hlo = Path(str(best[2]).replace("-buffer-assignment.txt", ".txt"))
+        if cost_python and hlo.exists():
+            out.update(cost_in(cost_python, str(hlo)))
+        return out
     except Exception as error:  # noqa: BLE001 - informative only
         return {"error": repr(error)}
     finally:
