@@ -30,7 +30,7 @@ from keras_rdrop.src.prediction_checks import check_values
 from keras_rdrop.src.step_inputs import StepInputs
 
 
-def cross_entropy_and_symmetric_kl(a, b, labels):
+def cross_entropy_and_symmetric_kl(a, b, labels, chunked: bool = True):
     """Per position: `CE(labels, a)`, `CE(labels, b)` and `SKL(a, b)`.
 
     Args:
@@ -38,6 +38,8 @@ def cross_entropy_and_symmetric_kl(a, b, labels):
         b: Logits of the second pass, the same shape.
         labels: int32 class ids, the shape of `a` without its last axis. They
             must be valid class ids (map an `ignore_class` to 0 first).
+        chunked: Whether to compute it by chunks (`chunked_gradients.chunks`)
+            or on the whole tensors at once. Defaults to `True`.
 
     Returns:
         A float32 tensor of shape `(3,) + a.shape[:-1]`: the sparse
@@ -81,6 +83,7 @@ def cross_entropy_and_symmetric_kl(a, b, labels):
         axis=len(a.shape) - 1,
         out_axis=out_axis,
         constants=(labels,),
+        chunked=chunked,
     )
 
 
@@ -112,7 +115,9 @@ class FusedLanguageModelLoss:
         """
         check_values(step.y_pred_1, True, "categorical", -1, "y_pred")
         labels, valid = task_labels(step.loss, step.y, step.y_pred_1)
-        values = cross_entropy_and_symmetric_kl(step.y_pred_1, step.y_pred_2, labels)
+        values = cross_entropy_and_symmetric_kl(
+            step.y_pred_1, step.y_pred_2, labels, chunked=step.chunked
+        )
         return reduce_two_passes(step, values, valid)
 
 

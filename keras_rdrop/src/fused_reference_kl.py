@@ -175,14 +175,18 @@ def _two_passes(passes, reference, labels, kind: str, chunked: bool):
 
 
 def chunked_for(model: keras.Model) -> bool:
-    """Whether the fused anchor pass of `model`'s training step runs by chunks.
+    """Whether the fused passes of `model`'s training step run by chunks.
 
+    Both fused language-model passes (R-Drop's and the anchor's) follow it.
     Not on TensorFlow with XLA (`jit_compile=True`): there XLA fuses the
-    whole-tensor pass into fewer buffers than the chunked one. On lm50k
-    (benchmarks/bench.py, CPU) the step's XLA temp was 607.8 MB whole
-    against 985.4 MB chunked (one logits tensor: 196.3 MB), at the same CPU
-    time. Everywhere else (JAX, torch, TensorFlow without XLA) chunks bound
-    the pass's temporaries.
+    whole-tensor pass into fewer operations and buffers than the chunked
+    one. On lm50k (benchmarks/bench.py, CPU), the anchor's step took 607.8 MB
+    of XLA temp whole against 985.4 MB chunked (one logits tensor: 196.3 MB),
+    at the same CPU time; R-Drop's sequential step took 1197.0 MB against
+    1568.7 MB, 2.06x plain's FLOPs against 3.17x, and 11% less time
+    (benchmarks/results/lm50k-rdrop-tensorflow.md). Everywhere else (JAX,
+    torch, TensorFlow without XLA) chunks bound the pass's temporaries: on
+    JAX the chunked pass is also the faster one.
     """
     return not (
         keras.backend.backend() == "tensorflow"

@@ -81,6 +81,8 @@ class FusedRDropPath:
         return FUSED_LANGUAGE_MODEL.applies(step)
 
     def compute(self, step: StepInputs, reference: ReferenceRun | None) -> StepLosses:
+        if _chunked is not None:
+            step = dataclasses.replace(step, chunked=_chunked)
         task_loss, kl = FUSED_LANGUAGE_MODEL.compute(step)
         ref_kl = None
         if reference is not None:
@@ -145,7 +147,7 @@ def use_paths(*names: str, chunked: bool | None = None):
     Args:
         *names: The fused paths allowed (`PATH_NAMES`); none: only the
             general path.
-        chunked: `False` runs the fused anchor pass on whole tensors (as on
+        chunked: `False` runs the fused passes on whole tensors (as on
             TensorFlow with XLA, `chunked_for`), `True` by chunks; `None`
             leaves it to `chunked_for`.
 
