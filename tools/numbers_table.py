@@ -709,8 +709,115 @@ def recipe_entries() -> list[Entry]:
     return out
 
 
+def rerun_entries() -> list[Entry]:
+    """The reruns of the main table's rows above 2x plain (results/rerun-*),
+    and lm50k on TensorFlow + XLA before and after the whole-tensor R-Drop
+    pass (results/lm50k-rdrop-tensorflow)."""
+    out = []
+
+    def ratio(xla, plain, key):
+        return f"{xla[key] / plain[key]:.2f}"
+
+    src = "benchmarks/results/lm50k-rdrop-tensorflow.json"
+    commit, rows = bench_rows("lm50k-rdrop-tensorflow.json")
+    plain = rows["lm50k", "tensorflow", "plain"]
+    for variant in ("rdrop_seq", "rdrop_concat"):
+        for tag, label in (("@before", "chunked"), ("", "whole tensors")):
+            row = rows["lm50k", "tensorflow", variant + tag]
+            key = f"bench.lm50k_tf.{variant}{tag.replace('@', '.')}"
+            out += [
+                Entry(
+                    key,
+                    f"{row['vs_plain']:.2f}",
+                    f"lm50k, TensorFlow + XLA: {variant} / plain, wall ({label})",
+                    src,
+                    commit,
+                ),
+                Entry(
+                    f"{key}.xla_gflop",
+                    ratio(row["xla"], plain["xla"], "gflop"),
+                    f"lm50k, TensorFlow + XLA: {variant} / plain, XLA's count of "
+                    f"floating-point operations ({label})",
+                    src,
+                    commit,
+                ),
+                Entry(
+                    f"{key}.xla_bytes",
+                    ratio(row["xla"], plain["xla"], "bytes_accessed_mb"),
+                    f"lm50k, TensorFlow + XLA: {variant} / plain, XLA's bytes "
+                    f"accessed ({label})",
+                    src,
+                    commit,
+                ),
+                Entry(
+                    f"{key}.xla_transcendentals",
+                    ratio(row["xla"], plain["xla"], "mega_transcendentals"),
+                    f"lm50k, TensorFlow + XLA: {variant} / plain, XLA's count of "
+                    f"transcendental operations ({label})",
+                    src,
+                    commit,
+                ),
+                Entry(
+                    f"{key}.temp_mib",
+                    f"{row['xla']['temp_mb']:.0f}",
+                    f"lm50k, TensorFlow + XLA: {variant}, XLA temp MiB ({label})",
+                    src,
+                    commit,
+                ),
+            ]
+    for name, model, backends in (
+        ("rerun-bert_tiny.json", "bert_tiny", ("tensorflow",)),
+        ("rerun-lora.json", "lora", ("tensorflow", "torch")),
+    ):
+        src = f"benchmarks/results/{name}"
+        commit, rows = bench_rows(name)
+        for backend in backends:
+            plain = rows[model, backend, "plain"]
+            for variant in ("plain", "rdrop_seq", "rdrop_concat"):
+                row = rows[model, backend, variant]
+                key = f"bench.rerun.{model}.{backend}.{variant}"
+                out.append(
+                    Entry(
+                        f"{key}.faults",
+                        f"{row['faults_median']:.0f}",
+                        f"rerun, {model}, {backend}: {variant}, page faults per step",
+                        src,
+                        commit,
+                    )
+                )
+                if variant == "plain":
+                    continue
+                out.append(
+                    Entry(
+                        key,
+                        f"{row['vs_plain']:.2f}",
+                        f"rerun, {model}, {backend}: {variant} / plain, wall",
+                        src,
+                        commit,
+                    )
+                )
+                if (row.get("xla") or {}).get("gflop"):
+                    out.append(
+                        Entry(
+                            f"{key}.xla_gflop",
+                            ratio(row["xla"], plain["xla"], "gflop"),
+                            f"rerun, {model}, {backend}: {variant} / plain, "
+                            "XLA's count of floating-point operations",
+                            src,
+                            commit,
+                        )
+                    )
+    return out
+
+
 def entries() -> list[Entry]:
-    return bench_entries() + recipe_entries() + example_entries() + text_task_entries()
+    return (
+        bench_entries()
+        + recipe_entries()
+        + rerun_entries()
+        + example_entries()
+        + text_task_entries()
+    )
 
 
 def render(rows: list[Entry]) -> str:

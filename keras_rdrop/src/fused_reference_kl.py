@@ -183,10 +183,10 @@ def chunked_for(model: keras.Model) -> bool:
     one. On lm50k (benchmarks/bench.py, CPU), the anchor's step took 607.8 MB
     of XLA temp whole against 985.4 MB chunked (one logits tensor: 196.3 MB),
     at the same CPU time; R-Drop's sequential step took 1197.0 MB against
-    1568.7 MB, 2.06x plain's FLOPs against 3.17x, and 11% less time
-    (benchmarks/results/lm50k-rdrop-tensorflow.md). Everywhere else (JAX,
-    torch, TensorFlow without XLA) chunks bound the pass's temporaries: on
-    JAX the chunked pass is also the faster one.
+    1568.7 MB, 2.06x plain's FLOPs against 3.17x, and 2.41x plain's step
+    time against 2.88x (benchmarks/results/lm50k-rdrop-tensorflow.md).
+    Everywhere else (JAX, torch, TensorFlow without XLA) chunks bound the
+    pass's temporaries: on JAX the chunked pass is also the faster one.
     """
     return not (
         keras.backend.backend() == "tensorflow"
