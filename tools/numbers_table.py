@@ -765,6 +765,44 @@ def rerun_entries() -> list[Entry]:
                     commit,
                 ),
             ]
+    src = "benchmarks/results/frozen-base-torch.json"
+    commit, rows = bench_rows("frozen-base-torch.json")
+    for variant in ("plain", "rdrop_seq", "rdrop_concat", "anchor"):
+        row = rows["frozen_base", "torch", variant]
+        if variant != "plain":
+            out.append(
+                Entry(
+                    f"bench.frozen_base_torch.{variant}",
+                    f"{row['vs_plain']:.2f}",
+                    f"frozen base + head, torch (rerun): {variant} / plain, wall",
+                    src,
+                    commit,
+                )
+            )
+        if variant != "anchor":
+            out.append(
+                Entry(
+                    f"bench.frozen_base_torch.{variant}.vs_loop",
+                    f"{row['vs_peer']:.2f}",
+                    f"frozen base + head, torch (rerun): {variant} / the PyTorch "
+                    f"loop's {row['peer']} step (wall)",
+                    src,
+                    commit,
+                )
+            )
+    loop_rdrop = rows["frozen_base", "PyTorch loop", "torch_rdrop"]["vs_plain"]
+    keras_plain = rows["frozen_base", "torch", "plain"]["vs_peer"]
+    out.append(
+        Entry(
+            "bench.frozen_base_torch.rdrop_needed_for_goal",
+            f"{0.67 * loop_rdrop / keras_plain:.2f}",
+            "frozen base + head, torch (rerun): the R-Drop step / plain Keras "
+            "step at which R-Drop takes 0.67x the loop's R-Drop step (0.67 x "
+            "loop R-Drop / loop plain, over Keras plain / loop plain)",
+            src,
+            commit,
+        )
+    )
     for name, model, backends in (
         ("rerun-bert_tiny.json", "bert_tiny", ("tensorflow",)),
         ("rerun-lora.json", "lora", ("tensorflow", "torch")),
