@@ -29,6 +29,19 @@ def np_fused(a, b, labels):
     return np.stack([ce_a, ce_b, np_symmetric_kl(a, b)])
 
 
+def record_chunks(monkeypatch) -> list:
+    """A list that gets what `chunked_gradients.chunks` returns, call by call
+    (`None`: one piece)."""
+    cuts = []
+    real_chunks = chunked_gradients.chunks
+    monkeypatch.setattr(
+        chunked_gradients,
+        "chunks",
+        lambda *args: cuts.append(real_chunks(*args)) or cuts[-1],
+    )
+    return cuts
+
+
 @pytest.mark.parametrize(
     "chunk_elements, chunked",
     [(2**21, True), (6, True), (6, False)],
@@ -38,13 +51,7 @@ def test_values_match_numpy(chunk_elements, chunked, monkeypatch):
     # `chunked=False` (TensorFlow with XLA, `chunked_for`): one piece, however
     # small the chunks.
     monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements)
-    cuts = []
-    real_chunks = chunked_gradients.chunks
-    monkeypatch.setattr(
-        chunked_gradients,
-        "chunks",
-        lambda *args: cuts.append(real_chunks(*args)) or cuts[-1],
-    )
+    cuts = record_chunks(monkeypatch)
     a = (RNG.standard_normal((3, 5, 7)) * 4).astype("float32")
     b = (RNG.standard_normal((3, 5, 7)) * 4).astype("float32")
     labels = RNG.integers(0, 7, size=(3, 5)).astype("int32")
@@ -164,13 +171,7 @@ def test_the_compiled_step_runs_by_chunks_except_under_tensorflow_xla(monkeypatc
     # in benchmarks/results/lm50k-rdrop-tensorflow.md); everywhere else by
     # chunks. torch's step runs eagerly here (torch.compile has its own test).
     monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", 16)
-    cuts = []
-    real_chunks = chunked_gradients.chunks
-    monkeypatch.setattr(
-        chunked_gradients,
-        "chunks",
-        lambda *args: cuts.append(real_chunks(*args)) or cuts[-1],
-    )
+    cuts = record_chunks(monkeypatch)
     tokens = np.random.default_rng(0).integers(0, 11, size=(8, 6)).astype("int32")
     model = RDropModel(language_model(), alpha=1.0)
     model.compile(
