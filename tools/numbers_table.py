@@ -765,6 +765,30 @@ def rerun_entries() -> list[Entry]:
                     commit,
                 ),
             ]
+    src = "benchmarks/results/fused-tensorflow.json"
+    commit, rows = bench_rows("fused-tensorflow.json")
+    for model, label in {**MODELS, "lora": "LoRA"}.items():
+        plain = rows[model, "tensorflow", "plain"]
+        for variant in ("rdrop_seq", "rdrop_concat"):
+            row = rows[model, "tensorflow", variant]
+            out += [
+                Entry(
+                    f"bench.tf_now.{model}.{variant}",
+                    f"{row['vs_plain']:.2f}",
+                    f"{label}, TensorFlow + XLA (rerun): {variant} / plain, wall",
+                    src,
+                    commit,
+                ),
+                Entry(
+                    f"bench.tf_now.{model}.{variant}.xla_gflop",
+                    ratio(row["xla"], plain["xla"], "gflop"),
+                    f"{label}, TensorFlow + XLA (rerun): {variant} / plain, XLA's "
+                    "count of floating-point operations",
+                    src,
+                    commit,
+                ),
+            ]
+
     src = "benchmarks/results/frozen-base-torch.json"
     commit, rows = bench_rows("frozen-base-torch.json")
     for variant in ("plain", "rdrop_seq", "rdrop_concat", "anchor"):
