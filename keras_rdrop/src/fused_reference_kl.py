@@ -182,9 +182,9 @@ def chunked_for(model: keras.Model) -> bool:
     whole-tensor pass into fewer operations and buffers than the chunked
     one. On lm50k (benchmarks/bench.py, CPU), the anchor's step took 607.8 MB
     of XLA temp whole against 985.4 MB chunked (one logits tensor: 196.3 MB),
-    at the same CPU time; R-Drop's sequential step took 1197.0 MB against
-    1568.7 MB, 2.06x plain's FLOPs against 3.17x, and 2.41x plain's step
-    time against 2.88x (benchmarks/results/lm50k-rdrop-tensorflow.md).
+    at the same CPU time; R-Drop's step also took less XLA temp, fewer
+    FLOPs and less time whole than chunked
+    (benchmarks/results/lm50k-rdrop-tensorflow.md).
     Everywhere else (JAX, torch, TensorFlow without XLA) chunks bound the
     pass's temporaries: on JAX the chunked pass is also the faster one.
     """
