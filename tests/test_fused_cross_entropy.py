@@ -165,6 +165,7 @@ def test_fused_path_trains_like_the_general_path(mode, chunk_elements, monkeypat
     assert fused[0]["kl_loss"][0] > 0.05
 
 
+@pytest.mark.traced
 def test_the_compiled_step_runs_by_chunks_except_under_tensorflow_xla(monkeypatch):
     # On TensorFlow with XLA the fused R-Drop pass runs on whole tensors
     # (`chunked_for`: fewer FLOPs, bytes and scratch memory there, measured

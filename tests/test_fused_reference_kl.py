@@ -348,6 +348,7 @@ def test_only_the_live_logits_and_reference_are_kept_torch(passes):
         assert len(extra) == 1
 
 
+@pytest.mark.traced
 def test_chunked_except_under_tensorflow_xla():
     # TensorFlow's XLA fuses the whole-tensor pass into fewer buffers than
     # the chunked one (see `chunked_for`); every other case runs by chunks.

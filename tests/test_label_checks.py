@@ -101,6 +101,7 @@ def language_model():
     return sequence_model(vocab=V, length=T, mask_zero=False)
 
 
+@pytest.mark.traced
 def test_one_hot_labels_with_a_sparse_loss_on_the_fused_path():
     rng = np.random.default_rng(0)
     x = rng.integers(0, V, size=(16, T)).astype("int32")

@@ -15,7 +15,7 @@ import pytest
 
 from keras_rdrop import RDropModel, ReferenceKLRegularizer
 from tests.models import classification_data, sparse_ce
-from tests.testing import assert_allclose, np_kl, to_numpy
+from tests.testing import CrashAt, assert_allclose, crash_and_resume, np_kl, to_numpy
 
 DATA = Path(__file__).resolve().parent / "data"
 HIDDEN = 16
@@ -300,48 +300,25 @@ def test_saved_partial_snapshot_round_trip(tmp_path):
 def test_backup_and_restore_resumes_a_partial_snapshot(tmp_path):
     x, y = classification_data(n=128)
 
-    class Interrupt(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if batch == 5:
-                raise RuntimeError("simulated crash")
-
     def fresh(seed):
         inner = pretrained(frozen_body_model, seed=seed)
         model = RDropModel(inner, alpha=0.0)
         model.compile(optimizer="adam", loss=sparse_ce())
         return model
 
-    backup = str(tmp_path / "backup")
-    model = fresh(seed=3)
-    theta0_outputs = to_numpy(model.model.predict(x, verbose=0))
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        model.fit(
-            x,
-            y,
-            batch_size=16,
-            epochs=2,
-            verbose=0,
-            callbacks=[
-                ReferenceKLRegularizer(beta=0.5),
-                keras.callbacks.BackupAndRestore(backup, save_freq=2),
-                Interrupt(),
-            ],
-        )
-    # A new process: the model is rebuilt with other weights, frozen body too.
-    resumed = fresh(seed=42)
-    assert not np.allclose(
-        to_numpy(resumed.model.predict(x, verbose=0)), theta0_outputs
-    )
-    resumed.fit(
-        x,
-        y,
-        batch_size=16,
-        epochs=2,
-        verbose=0,
-        callbacks=[
-            ReferenceKLRegularizer(beta=0.5),
-            keras.callbacks.BackupAndRestore(backup, save_freq=2),
-        ],
+    theta0_outputs = to_numpy(fresh(0).model.predict(x, verbose=0))
+
+    def fit(model, callbacks):
+        if not any(isinstance(c, CrashAt) for c in callbacks):
+            # A new process: the model is rebuilt with other weights, frozen
+            # body too.
+            outputs = to_numpy(model.model.predict(x, verbose=0))
+            assert not np.allclose(outputs, theta0_outputs)
+        callbacks = [ReferenceKLRegularizer(beta=0.5), *callbacks]
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=callbacks)
+
+    model, resumed = crash_and_resume(
+        fresh, fit, tmp_path / "backup", crash_at=(0, 5), save_freq=2
     )
     assert resumed.reference.positions == model.reference.positions
     assert_allclose(reference_outputs(resumed, x), theta0_outputs, rtol=1e-5, atol=1e-5)

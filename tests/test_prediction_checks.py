@@ -190,6 +190,7 @@ def normalizing_mlp():
     )
 
 
+@pytest.mark.traced
 def test_check_output_activation_false_trains_a_custom_probability_layer():
     x, y = classification_data()
     model = RDropModel(normalizing_mlp(), alpha=1.0)
@@ -229,6 +230,7 @@ class SubclassedSoftmax(keras.Model):
         return keras.ops.softmax(self.out(h))
 
 
+@pytest.mark.traced
 def test_eager_training_reads_the_first_batch_of_a_subclassed_model():
     # With run_eagerly the first step's values can be read on torch and
     # TensorFlow (and always on torch); in a traced step (jit, tf.function)
@@ -255,6 +257,7 @@ class SubclassedLogits(SubclassedSoftmax):
         return self.out(self.dropout(self.hidden(x), training=training))
 
 
+@pytest.mark.traced
 def test_eager_training_raises_on_logits_of_a_subclassed_model_declared_probabilities():
     # Values outside [0, 1] declared as probabilities are certain: an error.
     # Read where values can be read (see the test above for JAX).
@@ -274,6 +277,7 @@ def test_eager_training_raises_on_logits_of_a_subclassed_model_declared_probabil
         model.fit(x, y, batch_size=16, epochs=1, verbose=0)
 
 
+@pytest.mark.traced
 def test_correct_declarations_train_without_warnings():
     x, y = classification_data()
     for build, loss in [

@@ -399,6 +399,7 @@ JIT_MODES = [
 ]
 
 
+@pytest.mark.traced
 @pytest.mark.parametrize("jit_compile", JIT_MODES)
 @pytest.mark.parametrize("mode", ["sequential", "concat"])
 def test_jit_compile_modes(jit_compile, mode):
@@ -480,20 +481,6 @@ def test_callbacks(tmp_path):
     assert os.path.exists(tmp_path / "ckpt.keras")
     restored = keras.saving.load_model(str(tmp_path / "ckpt.keras"))
     assert isinstance(restored, RDropModel)
-
-
-def test_terminate_on_nan_stops_training():
-    x, y = classification_data()
-    model = compiled(rdrop(), optimizer=keras.optimizers.SGD(learning_rate=1e30))
-    h = model.fit(
-        x * 1e10,
-        y,
-        batch_size=8,
-        epochs=3,
-        verbose=0,
-        callbacks=[keras.callbacks.TerminateOnNaN()],
-    )
-    assert len(h.history["loss"]) < 3 or not np.isfinite(h.history["loss"][-1])
 
 
 def test_pydataset_input():

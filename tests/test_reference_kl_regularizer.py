@@ -5,7 +5,14 @@ import pytest
 from keras_rdrop import RDropModel, ReferenceKLRegularizer
 from keras_rdrop.src.step_paths import record_paths
 from tests.models import classification_data, mlp, sparse_ce
-from tests.testing import assert_allclose, np_kl, np_symmetric_kl, to_numpy
+from tests.testing import (
+    CrashAt,
+    assert_allclose,
+    crash_and_resume,
+    np_kl,
+    np_symmetric_kl,
+    to_numpy,
+)
 
 FEATURES = 10
 CLASSES = 4
@@ -173,46 +180,23 @@ def test_penalty_is_added_and_pulls_toward_reference():
 def test_resume_keeps_the_original_snapshot(tmp_path):
     x, y = classification_data(n=128)
 
-    class Interrupt(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if batch == 5:
-                raise RuntimeError("simulated crash")
-
     def fresh(seed):
         keras.utils.set_random_seed(seed)
         model = RDropModel(mlp(seed=seed), alpha=1.0)
         model.compile(optimizer="adam", loss=sparse_ce())
         return model
 
-    backup = str(tmp_path / "backup")
-    model = fresh(seed=0)
-    theta0 = [to_numpy(w) for w in model.model.weights]
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        model.fit(
-            x,
-            y,
-            batch_size=16,
-            epochs=2,
-            verbose=0,
-            callbacks=[
-                ReferenceKLRegularizer(beta=0.5),
-                keras.callbacks.BackupAndRestore(backup, save_freq=2),
-                Interrupt(),
-            ],
-        )
-    # A new process: the model is rebuilt with other initial weights.
-    resumed = fresh(seed=42)
-    assert not np.allclose(to_numpy(resumed.model.weights[0]), theta0[0])
-    resumed.fit(
-        x,
-        y,
-        batch_size=16,
-        epochs=2,
-        verbose=0,
-        callbacks=[
-            ReferenceKLRegularizer(beta=0.5),
-            keras.callbacks.BackupAndRestore(backup, save_freq=2),
-        ],
+    theta0 = [to_numpy(w) for w in fresh(0).model.weights]
+
+    def fit(model, callbacks):
+        if not any(isinstance(c, CrashAt) for c in callbacks):
+            # A new process: the model is rebuilt with other initial weights.
+            assert not np.allclose(to_numpy(model.model.weights[0]), theta0[0])
+        callbacks = [ReferenceKLRegularizer(beta=0.5), *callbacks]
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=callbacks)
+
+    _, resumed = crash_and_resume(
+        fresh, fit, tmp_path / "backup", crash_at=(0, 5), save_freq=2
     )
     for ref, w0 in zip(resumed.reference.ref_weights, theta0):
         assert_allclose(ref, w0, rtol=0, atol=0)
@@ -382,6 +366,7 @@ def test_get_config_round_trip():
     assert clone.get_config() == callback.get_config()
 
 
+@pytest.mark.traced
 def test_repeated_fits_reuse_the_step_and_a_changed_anchor_rebuilds_it():
     # The training step is traced with the anchor's settings: `fit` after
     # `fit` with the same anchor reuses it (no retrace and recompile per
@@ -419,6 +404,7 @@ def test_repeated_fits_reuse_the_step_and_a_changed_anchor_rebuilds_it():
     assert fit()[0] is plain
 
 
+@pytest.mark.traced
 def test_alternating_anchored_and_plain_fits_trace_each_step_once():
     # An epoch loop, a tuner, a curriculum: `fit` again and again, with the
     # anchor and without. Each state's step is traced (and compiled) once:

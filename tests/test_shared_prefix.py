@@ -404,6 +404,7 @@ def frozen_prefix_model(counter):
     return keras.Model(inputs, _dense(NUM_CLASSES, 3)(h))
 
 
+@pytest.mark.traced
 @pytest.mark.parametrize(
     "alpha, mode, unshared_rows",
     [(0.0, "concat", [8, 8]), (1.0, "concat", [16, 8]), (1.0, "sequential", [8, 8, 8])],
@@ -456,6 +457,7 @@ def test_a_prefix_unfrozen_between_fits_is_no_longer_reused():
     assert shared_logs[1]["ref_kl"][-1] > 1e-4  # the base moved away from θ0
 
 
+@pytest.mark.traced
 @pytest.mark.parametrize("mode", ["concat", "sequential"])
 def test_the_prefix_runs_once_per_step(mode):
     rows = {}
@@ -476,6 +478,7 @@ def test_the_prefix_runs_once_per_step(mode):
 # ------------------------------------------------ opt-out, logs, predict, saving
 
 
+@pytest.mark.traced
 def test_opt_out_runs_the_whole_model_twice():
     counter = RowCounter()
     _, _, model = train(
@@ -488,6 +491,7 @@ def test_opt_out_runs_the_whole_model_twice():
         RDropModel(frozen_base_model(), share_prefix="yes")
 
 
+@pytest.mark.traced
 def test_what_is_shared_is_said_once_at_info_level(caplog):
     x, y = data()
     for build, expected in (

@@ -176,6 +176,7 @@ def test_an_unknown_path_is_reported():
             pass
 
 
+@pytest.mark.traced
 def test_record_paths_lists_each_choice(monkeypatch):
     step = lm_step(monkeypatch)
     with record_paths() as outer:
@@ -188,6 +189,7 @@ def test_record_paths_lists_each_choice(monkeypatch):
     assert inner == ["general"]
 
 
+@pytest.mark.traced
 def test_record_paths_sees_compute_loss(monkeypatch):
     model = RDropModel(lm(), alpha=1.0)
     model.compile(optimizer="sgd", loss=sparse_ce(from_logits=True))

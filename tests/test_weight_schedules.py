@@ -67,6 +67,7 @@ def python_if(step):
     return 0.0 if step < 2 else 3.0
 
 
+@pytest.mark.traced
 @pytest.mark.parametrize(
     "schedule", [off_then_on, lambda: python_if], ids=["lr", "host"]
 )

@@ -121,3 +121,50 @@ def consistency(model, y_pred_1, y_pred_2, sample_weight=None):
     plan = model._plans.get(model.model, model.loss, model._plan_settings(), y_pred_1)
     terms = pairwise_terms(plan, y_pred_1, y_pred_2, sample_weight)
     return weigh_terms(terms, model.alpha, {})
+
+
+class CrashAt(keras.callbacks.Callback):
+    """Raises `RuntimeError("simulated crash")` after batch `batch` of epoch
+    `epoch` (both counted from 0): a process killed in the middle of `fit`."""
+
+    def __init__(self, epoch=1, batch=3):
+        super().__init__()
+        self.crash_epoch, self.crash_batch = epoch, batch
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._epoch == self.crash_epoch and batch == self.crash_batch:
+            raise RuntimeError("simulated crash")
+
+
+def crash_and_resume(make, fit, backup_dir, crash_at=(1, 3), save_freq="epoch"):
+    """The crash-and-resume scenario: a run killed mid-`fit`, then a new
+    process that resumes it from `BackupAndRestore`'s backup.
+
+    Args:
+        make: `make(seed)` builds and compiles a fresh model. The crashing run
+            uses seed 0, the resumed one seed 7: other initial weights and
+            dropout seeds, as in a restarted job.
+        fit: `fit(model, callbacks)` trains it (the same data and epochs in
+            both runs), with the given callbacks added.
+        backup_dir: Where `BackupAndRestore` writes.
+        crash_at: `(epoch, batch)` after which the first run crashes.
+        save_freq: `BackupAndRestore`'s `save_freq`.
+
+    Returns:
+        `(crashed, resumed)`: the two models, after the crash and after the
+        resumed run's end.
+    """
+
+    def backup():
+        return keras.callbacks.BackupAndRestore(str(backup_dir), save_freq=save_freq)
+
+    crashed = make(0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(crashed, [backup(), CrashAt(*crash_at)])
+    resumed = make(7)
+    fit(resumed, [backup()])
+    return crashed, resumed

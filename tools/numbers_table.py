@@ -8,8 +8,8 @@ here from the committed result files, never typed by hand:
 - the tables the example scripts write: `examples/RESULTS.md` (the default
   demo), `examples/RESULTS_FULL.md` (the full protocol; its per-run records
   are `examples/runs/*.json`) and `examples/HUB_RESULTS.md`,
-- `examples/results/text_tasks.json`, the records behind
-  `examples/results/text_tasks.md` ("When does R-Drop help?"), read with the
+- `experiments/results/frozen_encoder.json`, the records behind
+  `experiments/results/frozen_encoder.md` ("When does R-Drop help?"), read with the
   same formatting as that table.
 
 How to quote a number (for contributors):
@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "numbers.md"
 BENCH = ROOT / "benchmarks" / "results"
 EXAMPLES = ROOT / "examples"
-TEXT_TASKS = EXAMPLES / "results" / "text_tasks.json"
+TEXT_TASKS = ROOT / "experiments" / "results" / "frozen_encoder.json"
 
 # `<!--n:KEY-->VALUE`: the marker and the number right after it.
 QUOTE = re.compile(r"<!--n:([\w.@+-]+)-->([-+−]?\d[\d,]*(?:\.\d+)?(?:/\d+)?)")
@@ -468,18 +468,18 @@ def example_entries() -> list[Entry]:
 
 
 def _pts(values, signed: bool = True) -> str:
-    """Mean of fractions in points, as `examples/text_tasks.py` prints it."""
+    """Mean of fractions in points, as `experiments/frozen_encoder.py` prints it."""
     return f"{100 * statistics.fmean(values):{'+' if signed else ''}.2f}"
 
 
 def _p(value) -> str:
-    """A p-value as `examples/text_tasks.py` prints it."""
+    """A p-value as `experiments/frozen_encoder.py` prints it."""
     return f"{value:.3f}" if value < 0.01 else f"{value:.2f}"
 
 
 def text_task_entries() -> list[Entry]:
     """ "When does R-Drop help?": 4 text tasks, R-Drop at the validation-chosen
-    alpha minus the baseline, from the records of `examples/text_tasks.py`."""
+    alpha minus the baseline, from the records of `experiments/frozen_encoder.py`."""
     run = json.loads(TEXT_TASKS.read_text(encoding="utf-8"))
     src = str(TEXT_TASKS.relative_to(ROOT))
     commit = ",".join(sorted({r["commit"] for r in run["runs"]}))

