@@ -136,6 +136,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="slow: use --run-slow"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _jax_compilation_cache(tmp_path_factory):
+    """On JAX, a compilation cache for this run: many tests build the same
+    tiny models, so XLA compiles the same programs again and again; a cache
+    hit skips the compiler (a quarter of the JAX suite's time). The cache is
+    new each run (pytest's temporary folder) and this process's only: the
+    workers that multi-process tests start compile on their own."""
+    if keras.backend.backend() != "jax":
+        yield
+        return
+    import jax
+
+    names = (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    )
+    before = {name: getattr(jax.config, name) for name in names}
+    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update(names[1], 0.0)
+    jax.config.update(names[2], 0)
+    yield
+    for name, value in before.items():
+        jax.config.update(name, value)
+
+
 @pytest.fixture(autouse=True)
 def _tensorflow_runs_eagerly(request):
     """On TensorFlow, a test's `tf.function`s run eagerly unless it is marked
@@ -180,6 +206,18 @@ def _full_collection():
     # a test) becomes collectable again.
     gc.unfreeze()
     gc.collect()
+
+
+@pytest.fixture
+def set_chunks():
+    """Sets the chunk size of the chunked passes through the public
+    `keras_rdrop.set_chunk_elements`; the size before the test is restored
+    after it. Usage: `set_chunks(16)`."""
+    import keras_rdrop
+
+    before = keras_rdrop.get_chunk_elements()
+    yield keras_rdrop.set_chunk_elements
+    keras_rdrop.set_chunk_elements(before)
 
 
 @pytest.fixture(scope="session")

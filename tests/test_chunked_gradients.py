@@ -48,13 +48,13 @@ RNG = np.random.default_rng(0)
         ((2, 9, 3), -1, 6, (1, [(i, i + 1) for i in range(9)])),
     ],
 )
-def test_chunks(shape, axis, elements, expected, monkeypatch):
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", elements)
+def test_chunks(set_chunks, shape, axis, elements, expected, monkeypatch):
+    set_chunks(elements)
     assert chunks(shape, axis) == expected
 
 
-def test_chunks_cover_the_axis_without_overlap(monkeypatch):
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", 10)
+def test_chunks_cover_the_axis_without_overlap(set_chunks, monkeypatch):
+    set_chunks(10)
     for size in range(2, 40):
         split = chunks((size, 3), -1)
         if split is None:
@@ -91,8 +91,8 @@ def test_upstream_of_each_backends_calling_convention():
     assert upstream_of((), u) is u  # torch: grad(*inputs, upstream=upstream)
 
 
-def test_set_and_get_chunk_elements(monkeypatch):
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", get_chunk_elements())
+def test_set_and_get_chunk_elements(set_chunks, monkeypatch):
+    set_chunks(get_chunk_elements())
     set_chunk_elements(12)
     assert get_chunk_elements() == 12 == chunked_gradients.CHUNK_ELEMENTS
     for bad in (0, -3, 2.0, True, "8"):
@@ -212,8 +212,10 @@ CASES = [((3, 4, 5), 2, 1), ((3, 5, 4), 1, 2)]
 
 @pytest.mark.parametrize("shape, axis, chunk_axis", CASES, ids=["last", "middle"])
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "whole"])
-def test_chunked_op_matches_numpy(shape, axis, chunk_axis, chunked, monkeypatch):
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", 4)
+def test_chunked_op_matches_numpy(
+    set_chunks, shape, axis, chunk_axis, chunked, monkeypatch
+):
+    set_chunks(4)
     split = chunks(shape, axis)
     assert split is not None and split[0] == chunk_axis
     x, y, c, labels = inputs(shape, axis)
@@ -234,8 +236,8 @@ def test_chunked_op_matches_numpy(shape, axis, chunk_axis, chunked, monkeypatch)
     assert all(live is not None for live in seen["backward"])
 
 
-def test_chunked_and_whole_give_the_same_gradients(monkeypatch):
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", 4)
+def test_chunked_and_whole_give_the_same_gradients(set_chunks, monkeypatch):
+    set_chunks(4)
     shape, axis = (2, 6, 3), 2
     x, y, c, labels = inputs(shape, axis)
     w = RNG.uniform(0.5, 2.0, size=(2, 2, 6)).astype("float32")
@@ -250,8 +252,8 @@ def test_chunked_and_whole_give_the_same_gradients(monkeypatch):
 
 
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "whole"])
-def test_a_none_gradient_becomes_zeros(chunked, monkeypatch):
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", 4)
+def test_a_none_gradient_becomes_zeros(set_chunks, chunked, monkeypatch):
+    set_chunks(4)
     shape, axis = (3, 4, 5), 2
     x, y, c, labels = inputs(shape, axis)
     w = RNG.uniform(0.5, 2.0, size=(2, 3, 4)).astype("float32")
@@ -263,8 +265,8 @@ def test_a_none_gradient_becomes_zeros(chunked, monkeypatch):
     assert_allclose(gx, np_op_grads(x, y, c, labels, axis, w)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_backward_without_the_live_inputs_gets_none(monkeypatch):
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", 4)
+def test_backward_without_the_live_inputs_gets_none(set_chunks, monkeypatch):
+    set_chunks(4)
     shape, axis = (3, 4, 5), 2
     x, y, c, labels = inputs(shape, axis)
     w = RNG.uniform(0.5, 2.0, size=(2, 3, 4)).astype("float32")
@@ -277,10 +279,10 @@ def test_backward_without_the_live_inputs_gets_none(monkeypatch):
     assert_allclose(gy, want_y, rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_take_the_dtype_of_their_input(monkeypatch):
+def test_gradients_take_the_dtype_of_their_input(set_chunks, monkeypatch):
     # The backward's float32 pieces are cast to the live input's dtype
     # (each backend's custom gradient wants the input's dtype back).
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", 4)
+    set_chunks(4)
     shape, axis = (3, 4, 5), 2
     x, y, c, labels = inputs(shape, axis)
     x16 = keras.Variable(x, dtype="float16")
@@ -305,10 +307,12 @@ def test_gradients_take_the_dtype_of_their_input(monkeypatch):
     "observable; JAX and TensorFlow trace it",
 )
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "whole"])
-def test_constants_are_not_kept_after_the_forward_pass_torch(chunked, monkeypatch):
+def test_constants_are_not_kept_after_the_forward_pass_torch(
+    set_chunks, chunked, monkeypatch
+):
     import torch
 
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", 4)
+    set_chunks(4)
     shape, axis = (3, 4, 5), 2
     x, y, c, labels = inputs(shape, axis)
     live = [torch.tensor(t, requires_grad=True) for t in (x, y)]

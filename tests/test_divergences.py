@@ -103,11 +103,11 @@ def test_low_precision_inputs_computed_in_float32(dtype):
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
-def test_low_precision_gradients_keep_the_input_dtype(chunked, monkeypatch):
+def test_low_precision_gradients_keep_the_input_dtype(set_chunks, chunked, monkeypatch):
     # Each chunk is cast to float32 and its gradient cast back, so bfloat16
     # logits get bfloat16 gradients without a full-size float32 copy.
     if chunked:
-        monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", 10)
+        set_chunks(10)
     p, q = logits(8, 10), logits(8, 10)
     var = keras.Variable(p, dtype="bfloat16")
     q_low = keras.ops.cast(q, "bfloat16")
@@ -202,12 +202,12 @@ def test_gradients_finite_for_zero_probabilities():
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "kl"])
 @pytest.mark.parametrize("constant", ["a", "b"])
 def test_constant_input_gets_zero_gradient_and_the_other_is_unchanged(
-    constant, symmetric, chunked, monkeypatch
+    set_chunks, constant, symmetric, chunked, monkeypatch
 ):
     # The anchor declares its reference outputs constant: their gradient is
     # skipped, the live side's must not change.
     if chunked:
-        monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", 8)
+        set_chunks(8)
     a, b = logits(4, 3, 6), logits(4, 3, 6)
     w = RNG.uniform(0.5, 2.0, size=(4, 3)).astype("float32")
     grads = {}
@@ -241,10 +241,10 @@ def test_constant_input_gets_zero_gradient_and_the_other_is_unchanged(
 )
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "kl"])
 def test_chunked_logits_match_numpy(
-    chunk_elements, expected_bounds, symmetric, monkeypatch
+    set_chunks, chunk_elements, expected_bounds, symmetric, monkeypatch
 ):
     # Logits of shape (7, 3, 6): the largest non-class axis (0) is split.
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements)
+    set_chunks(chunk_elements)
     assert chunked_gradients.chunks((7, 3, 6), -1) == expected_bounds
     a, b = logits(7, 3, 6), logits(7, 3, 6)
     fn = symmetric_kl_divergence if symmetric else kl_divergence
@@ -254,15 +254,15 @@ def test_chunked_logits_match_numpy(
     assert_allclose(fn(a, b, axis=1), np_fn(a, b, axis=1), rtol=1e-5, atol=1e-6)
 
 
-def test_chunks_skip_unknown_and_class_axes(monkeypatch):
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", 8)
+def test_chunks_skip_unknown_and_class_axes(set_chunks, monkeypatch):
+    set_chunks(8)
     # The batch size is unknown (traced): the sequence axis is split.
     expected = (1, [(i, i + 1) for i in range(4)])
     assert chunked_gradients.chunks((None, 4, 8), -1) == expected
     # Only the class axis has a static size: one chunk.
     assert chunked_gradients.chunks((None, 64), -1) is None
     # The number of chunks is bounded; the chunks grow instead.
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", 1)
+    set_chunks(1)
     count = len(chunked_gradients.chunks((1000, 10), -1)[1])
     assert 32 < count <= chunked_gradients.MAX_CHUNKS
 
@@ -281,13 +281,13 @@ def _finite_difference_grad(fn, x, eps=1e-6):
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "kl"])
 @pytest.mark.parametrize("shape, axis", [((4, 5), -1), ((2, 5, 3), 1)])
 def test_kl_gradient_matches_float64_finite_differences(
-    shape, axis, symmetric, chunked, monkeypatch
+    set_chunks, shape, axis, symmetric, chunked, monkeypatch
 ):
     # The gradients R-Drop and the anchor train with (closed form for
     # categorical logits), against the float64 reference; `chunked` splits
     # every tensor into pieces of at most 4 elements.
     if chunked:
-        monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", 4)
+        set_chunks(4)
     rng = np.random.default_rng(0)
     a = rng.normal(size=shape) * 2
     b = rng.normal(size=shape) * 2

@@ -47,10 +47,10 @@ def record_chunks(monkeypatch) -> list:
     [(2**21, True), (6, True), (6, False)],
     ids=["whole", "chunked", "unchunked"],
 )
-def test_values_match_numpy(chunk_elements, chunked, monkeypatch):
+def test_values_match_numpy(set_chunks, chunk_elements, chunked, monkeypatch):
     # `chunked=False` (TensorFlow with XLA, `chunked_for`): one piece, however
     # small the chunks.
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements)
+    set_chunks(chunk_elements)
     cuts = record_chunks(monkeypatch)
     a = (RNG.standard_normal((3, 5, 7)) * 4).astype("float32")
     b = (RNG.standard_normal((3, 5, 7)) * 4).astype("float32")
@@ -79,11 +79,13 @@ def test_low_precision_logits_computed_in_float32():
 
 
 @pytest.mark.parametrize("chunk_elements", [2**21, 4], ids=["whole", "chunked"])
-def test_gradients_match_float64_finite_differences(chunk_elements, monkeypatch):
+def test_gradients_match_float64_finite_differences(
+    set_chunks, chunk_elements, monkeypatch
+):
     # The gradient RDropModel trains with, in closed form, against central
     # differences of the float64 reference with a different weight on each
     # of the three outputs at each position.
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements)
+    set_chunks(chunk_elements)
     rng = np.random.default_rng(1)
     a = rng.normal(size=(2, 3, 5)) * 2
     b = rng.normal(size=(2, 3, 5)) * 2
@@ -130,11 +132,13 @@ def test_which_losses_are_fused():
 
 @pytest.mark.parametrize("mode", ["sequential", "concat"])
 @pytest.mark.parametrize("chunk_elements", [2**21, 16], ids=["whole", "chunked"])
-def test_fused_path_trains_like_the_general_path(mode, chunk_elements, monkeypatch):
+def test_fused_path_trains_like_the_general_path(
+    set_chunks, mode, chunk_elements, monkeypatch
+):
     # With a Keras mask (mask_zero), ignore_class, per-position sample
     # weights, loss_weights and a regularization loss, the fused path gives
     # the losses and weights of Keras' own cross-entropy plus the KL.
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements)
+    set_chunks(chunk_elements)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 11, size=(16, 6)).astype("int32")
     targets = rng.integers(0, 11, size=(16, 6)).astype("int32")
@@ -166,12 +170,14 @@ def test_fused_path_trains_like_the_general_path(mode, chunk_elements, monkeypat
 
 
 @pytest.mark.traced
-def test_the_compiled_step_runs_by_chunks_except_under_tensorflow_xla(monkeypatch):
+def test_the_compiled_step_runs_by_chunks_except_under_tensorflow_xla(
+    set_chunks, monkeypatch
+):
     # On TensorFlow with XLA the fused R-Drop pass runs on whole tensors
     # (`chunked_for`: fewer FLOPs, bytes and scratch memory there, measured
     # in benchmarks/results/lm50k-rdrop-tensorflow.md); everywhere else by
     # chunks. torch's step runs eagerly here (torch.compile has its own test).
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", 16)
+    set_chunks(16)
     cuts = record_chunks(monkeypatch)
     tokens = np.random.default_rng(0).integers(0, 11, size=(8, 6)).astype("int32")
     model = RDropModel(language_model(), alpha=1.0)

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from keras_rdrop import RDropModel, ReferenceKLRegularizer
-from keras_rdrop.src import chunked_gradients
 from keras_rdrop.src.fused_cross_entropy import FusedLanguageModelLoss
 from keras_rdrop.src.fused_reference_kl import (
     chunked_for,
@@ -51,10 +50,10 @@ def np_fused(live, ref, labels, kind):
 @pytest.mark.parametrize(
     "chunk_elements", [2**21, 6, None], ids=["whole", "chunked", "unchunked"]
 )
-def test_values_match_numpy(passes, kind, chunk_elements, monkeypatch):
+def test_values_match_numpy(set_chunks, passes, kind, chunk_elements, monkeypatch):
     # `chunk_elements=None`: `chunked=False`, the whole-tensor pass of
     # TensorFlow + XLA (with one live pass, `logsumexp_reference_kl`'s formula).
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements or 2**21)
+    set_chunks(chunk_elements or 2**21)
     rng = np.random.default_rng(0)
     logits = (rng.standard_normal((passes + 1, 3, 5, 7)) * 4).astype("float32")
     labels = rng.integers(0, 7, size=(3, 5)).astype("int32")
@@ -75,12 +74,12 @@ def test_values_match_numpy(passes, kind, chunk_elements, monkeypatch):
     ids=["whole", "chunked", "unchunked"],
 )
 def test_gradients_match_float64_finite_differences(
-    passes, kind, chunk_elements, monkeypatch
+    set_chunks, passes, kind, chunk_elements, monkeypatch
 ):
     # The closed-form gradient of each live pass, against central
     # differences of the float64 reference with a different weight on each
     # output at each position.
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements or 2**21)
+    set_chunks(chunk_elements or 2**21)
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(passes + 1, 2, 3, 5)) * 2
     ref = logits[-1]
@@ -209,7 +208,7 @@ def anchor_matches_general(alpha, direction, chunked=None, **options):
     ],
 )
 def test_fused_anchor_path_trains_like_the_general_path(
-    alpha, direction, chunk_elements, monkeypatch
+    set_chunks, alpha, direction, chunk_elements, monkeypatch
 ):
     # With a Keras mask (mask_zero), ignore_class, per-position sample
     # weights, loss_weights and a regularization loss, the fused anchor path
@@ -217,7 +216,7 @@ def test_fused_anchor_path_trains_like_the_general_path(
     # the reference (and, with R-Drop, of the R-Drop path).
     # `chunk_elements=None`: the whole-tensor pass that TensorFlow + XLA
     # takes (`chunked_for`), forced on every backend.
-    monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements or 2**21)
+    set_chunks(chunk_elements or 2**21)
     chunked = False if chunk_elements is None else None
     fused = anchor_matches_general(alpha, direction, chunked=chunked)
     # The reference pulls: the KL is not small after the first epoch.

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from keras_rdrop import RDropModel
-from keras_rdrop.src import chunked_gradients
 from tests.models import (
     NUM_CLASSES,
     classification_data,
@@ -279,14 +278,14 @@ def test_sequence_outputs_with_mask_and_padding_weight(mode):
 
 
 @pytest.mark.parametrize("mode", ["sequential", "concat"])
-def test_chunked_kl_trains_like_the_whole_tensor(mode, monkeypatch):
+def test_chunked_kl_trains_like_the_whole_tensor(set_chunks, mode, monkeypatch):
     # Large logits are split into chunks for the KL and its gradient
     # (keras_rdrop.set_chunk_elements); forcing chunks of at most 16
     # elements must not change training: same losses and weights.
     tokens, targets, not_pad = sequence_data(n=16)
     runs = []
     for chunk_elements in (10**9, 16):
-        monkeypatch.setattr(chunked_gradients, "CHUNK_ELEMENTS", chunk_elements)
+        set_chunks(chunk_elements)
         keras.utils.set_random_seed(0)
         model = RDropModel(sequence_model(), mode=mode)
         model.compile(optimizer="adam", loss=sparse_ce())
