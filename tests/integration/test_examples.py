@@ -50,6 +50,7 @@ def examples():
                 "text_rdrop",
                 "text_forgetting",
                 "hub_causal_lm",
+                "finetune_classifier",
                 "demo",
             )
         }
@@ -507,3 +508,37 @@ def test_hub_causal_lm_tiny(examples, tmp_path):
         for run in runs:
             assert all(np.isfinite(v) and v > 1 for v in run["ppl"].values())
     assert "wall time" in results_md.read_text()
+
+
+def test_finetune_classifier_tiny(examples, tiny_bert_preset, tmp_path, capsys):
+    import_keras_hub()
+    words = {0: ("bad", "neg"), 1: ("good", "pos")}
+    rows = ["text,label"] + [
+        f"{words[i % 2][0]} film w{i % 12} day {i},{words[i % 2][1]}" for i in range(40)
+    ]
+    (tmp_path / "texts.csv").write_text("\n".join(rows) + "\n")
+    out = examples["finetune_classifier"].main(
+        [
+            "--preset",
+            tiny_bert_preset,
+            "--data",
+            str(tmp_path / "texts.csv"),
+            "--alphas",
+            "1,3",
+            "--sizes",
+            "16,8,8",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--sequence-length",
+            "8",
+        ]
+    )
+    printed = capsys.readouterr().out
+    for alpha in ("0", "1", "3"):
+        assert f"alpha {alpha}: best validation accuracy" in printed
+    assert out["chosen_alpha"] in (1.0, 3.0)
+    assert set(out["test_accuracy"]) == {0.0, out["chosen_alpha"]}
+    assert all(0 <= v <= 1 for v in out["test_accuracy"].values())
+    assert "test accuracy: plain" in printed
