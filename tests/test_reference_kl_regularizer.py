@@ -58,6 +58,7 @@ def kl_to(model, weights, x):
     return float(np.mean(np_kl(live, to_numpy(ref.predict(x, verbose=0)))))
 
 
+@pytest.mark.traced
 def test_anchor_curbs_forgetting(pretrained_weights):
     x_a, y_a = task(seed=1, n=1000)  # the old task's test set
     x_b, y_b = task(seed=2, n=512)  # the new task's fine-tuning data
