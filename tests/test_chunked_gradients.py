@@ -48,12 +48,12 @@ RNG = np.random.default_rng(0)
         ((2, 9, 3), -1, 6, (1, [(i, i + 1) for i in range(9)])),
     ],
 )
-def test_chunks(set_chunks, shape, axis, elements, expected, monkeypatch):
+def test_chunks(set_chunks, shape, axis, elements, expected):
     set_chunks(elements)
     assert chunks(shape, axis) == expected
 
 
-def test_chunks_cover_the_axis_without_overlap(set_chunks, monkeypatch):
+def test_chunks_cover_the_axis_without_overlap(set_chunks):
     set_chunks(10)
     for size in range(2, 40):
         split = chunks((size, 3), -1)
@@ -91,7 +91,7 @@ def test_upstream_of_each_backends_calling_convention():
     assert upstream_of((), u) is u  # torch: grad(*inputs, upstream=upstream)
 
 
-def test_set_and_get_chunk_elements(set_chunks, monkeypatch):
+def test_set_and_get_chunk_elements(set_chunks):
     set_chunks(get_chunk_elements())
     set_chunk_elements(12)
     assert get_chunk_elements() == 12 == chunked_gradients.CHUNK_ELEMENTS
@@ -212,9 +212,7 @@ CASES = [((3, 4, 5), 2, 1), ((3, 5, 4), 1, 2)]
 
 @pytest.mark.parametrize("shape, axis, chunk_axis", CASES, ids=["last", "middle"])
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "whole"])
-def test_chunked_op_matches_numpy(
-    set_chunks, shape, axis, chunk_axis, chunked, monkeypatch
-):
+def test_chunked_op_matches_numpy(set_chunks, shape, axis, chunk_axis, chunked):
     set_chunks(4)
     split = chunks(shape, axis)
     assert split is not None and split[0] == chunk_axis
@@ -236,7 +234,7 @@ def test_chunked_op_matches_numpy(
     assert all(live is not None for live in seen["backward"])
 
 
-def test_chunked_and_whole_give_the_same_gradients(set_chunks, monkeypatch):
+def test_chunked_and_whole_give_the_same_gradients(set_chunks):
     set_chunks(4)
     shape, axis = (2, 6, 3), 2
     x, y, c, labels = inputs(shape, axis)
@@ -252,7 +250,7 @@ def test_chunked_and_whole_give_the_same_gradients(set_chunks, monkeypatch):
 
 
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "whole"])
-def test_a_none_gradient_becomes_zeros(set_chunks, chunked, monkeypatch):
+def test_a_none_gradient_becomes_zeros(set_chunks, chunked):
     set_chunks(4)
     shape, axis = (3, 4, 5), 2
     x, y, c, labels = inputs(shape, axis)
@@ -265,7 +263,7 @@ def test_a_none_gradient_becomes_zeros(set_chunks, chunked, monkeypatch):
     assert_allclose(gx, np_op_grads(x, y, c, labels, axis, w)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_backward_without_the_live_inputs_gets_none(set_chunks, monkeypatch):
+def test_backward_without_the_live_inputs_gets_none(set_chunks):
     set_chunks(4)
     shape, axis = (3, 4, 5), 2
     x, y, c, labels = inputs(shape, axis)
@@ -279,7 +277,7 @@ def test_backward_without_the_live_inputs_gets_none(set_chunks, monkeypatch):
     assert_allclose(gy, want_y, rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_take_the_dtype_of_their_input(set_chunks, monkeypatch):
+def test_gradients_take_the_dtype_of_their_input(set_chunks):
     # The backward's float32 pieces are cast to the live input's dtype
     # (each backend's custom gradient wants the input's dtype back).
     set_chunks(4)
@@ -307,9 +305,7 @@ def test_gradients_take_the_dtype_of_their_input(set_chunks, monkeypatch):
     "observable; JAX and TensorFlow trace it",
 )
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "whole"])
-def test_constants_are_not_kept_after_the_forward_pass_torch(
-    set_chunks, chunked, monkeypatch
-):
+def test_constants_are_not_kept_after_the_forward_pass_torch(set_chunks, chunked):
     import torch
 
     set_chunks(4)

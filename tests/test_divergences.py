@@ -103,7 +103,7 @@ def test_low_precision_inputs_computed_in_float32(dtype):
 
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
-def test_low_precision_gradients_keep_the_input_dtype(set_chunks, chunked, monkeypatch):
+def test_low_precision_gradients_keep_the_input_dtype(set_chunks, chunked):
     # Each chunk is cast to float32 and its gradient cast back, so bfloat16
     # logits get bfloat16 gradients without a full-size float32 copy.
     if chunked:
@@ -202,7 +202,7 @@ def test_gradients_finite_for_zero_probabilities():
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "kl"])
 @pytest.mark.parametrize("constant", ["a", "b"])
 def test_constant_input_gets_zero_gradient_and_the_other_is_unchanged(
-    set_chunks, constant, symmetric, chunked, monkeypatch
+    set_chunks, constant, symmetric, chunked
 ):
     # The anchor declares its reference outputs constant: their gradient is
     # skipped, the live side's must not change.
@@ -241,7 +241,7 @@ def test_constant_input_gets_zero_gradient_and_the_other_is_unchanged(
 )
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "kl"])
 def test_chunked_logits_match_numpy(
-    set_chunks, chunk_elements, expected_bounds, symmetric, monkeypatch
+    set_chunks, chunk_elements, expected_bounds, symmetric
 ):
     # Logits of shape (7, 3, 6): the largest non-class axis (0) is split.
     set_chunks(chunk_elements)
@@ -254,7 +254,7 @@ def test_chunked_logits_match_numpy(
     assert_allclose(fn(a, b, axis=1), np_fn(a, b, axis=1), rtol=1e-5, atol=1e-6)
 
 
-def test_chunks_skip_unknown_and_class_axes(set_chunks, monkeypatch):
+def test_chunks_skip_unknown_and_class_axes(set_chunks):
     set_chunks(8)
     # The batch size is unknown (traced): the sequence axis is split.
     expected = (1, [(i, i + 1) for i in range(4)])
@@ -281,7 +281,7 @@ def _finite_difference_grad(fn, x, eps=1e-6):
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "kl"])
 @pytest.mark.parametrize("shape, axis", [((4, 5), -1), ((2, 5, 3), 1)])
 def test_kl_gradient_matches_float64_finite_differences(
-    set_chunks, shape, axis, symmetric, chunked, monkeypatch
+    set_chunks, shape, axis, symmetric, chunked
 ):
     # The gradients R-Drop and the anchor train with (closed form for
     # categorical logits), against the float64 reference; `chunked` splits

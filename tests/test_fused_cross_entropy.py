@@ -79,9 +79,7 @@ def test_low_precision_logits_computed_in_float32():
 
 
 @pytest.mark.parametrize("chunk_elements", [2**21, 4], ids=["whole", "chunked"])
-def test_gradients_match_float64_finite_differences(
-    set_chunks, chunk_elements, monkeypatch
-):
+def test_gradients_match_float64_finite_differences(set_chunks, chunk_elements):
     # The gradient RDropModel trains with, in closed form, against central
     # differences of the float64 reference with a different weight on each
     # of the three outputs at each position.
@@ -132,9 +130,7 @@ def test_which_losses_are_fused():
 
 @pytest.mark.parametrize("mode", ["sequential", "concat"])
 @pytest.mark.parametrize("chunk_elements", [2**21, 16], ids=["whole", "chunked"])
-def test_fused_path_trains_like_the_general_path(
-    set_chunks, mode, chunk_elements, monkeypatch
-):
+def test_fused_path_trains_like_the_general_path(set_chunks, mode, chunk_elements):
     # With a Keras mask (mask_zero), ignore_class, per-position sample
     # weights, loss_weights and a regularization loss, the fused path gives
     # the losses and weights of Keras' own cross-entropy plus the KL.

@@ -50,7 +50,7 @@ def np_fused(live, ref, labels, kind):
 @pytest.mark.parametrize(
     "chunk_elements", [2**21, 6, None], ids=["whole", "chunked", "unchunked"]
 )
-def test_values_match_numpy(set_chunks, passes, kind, chunk_elements, monkeypatch):
+def test_values_match_numpy(set_chunks, passes, kind, chunk_elements):
     # `chunk_elements=None`: `chunked=False`, the whole-tensor pass of
     # TensorFlow + XLA (with one live pass, `logsumexp_reference_kl`'s formula).
     set_chunks(chunk_elements or 2**21)
@@ -74,7 +74,7 @@ def test_values_match_numpy(set_chunks, passes, kind, chunk_elements, monkeypatc
     ids=["whole", "chunked", "unchunked"],
 )
 def test_gradients_match_float64_finite_differences(
-    set_chunks, passes, kind, chunk_elements, monkeypatch
+    set_chunks, passes, kind, chunk_elements
 ):
     # The closed-form gradient of each live pass, against central
     # differences of the float64 reference with a different weight on each
@@ -208,7 +208,7 @@ def anchor_matches_general(alpha, direction, chunked=None, **options):
     ],
 )
 def test_fused_anchor_path_trains_like_the_general_path(
-    set_chunks, alpha, direction, chunk_elements, monkeypatch
+    set_chunks, alpha, direction, chunk_elements
 ):
     # With a Keras mask (mask_zero), ignore_class, per-position sample
     # weights, loss_weights and a regularization loss, the fused anchor path

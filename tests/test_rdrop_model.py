@@ -278,7 +278,7 @@ def test_sequence_outputs_with_mask_and_padding_weight(mode):
 
 
 @pytest.mark.parametrize("mode", ["sequential", "concat"])
-def test_chunked_kl_trains_like_the_whole_tensor(set_chunks, mode, monkeypatch):
+def test_chunked_kl_trains_like_the_whole_tensor(set_chunks, mode):
     # Large logits are split into chunks for the KL and its gradient
     # (keras_rdrop.set_chunk_elements); forcing chunks of at most 16
     # elements must not change training: same losses and weights.
