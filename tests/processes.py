@@ -15,7 +15,10 @@ import pytest
 import keras_rdrop
 
 # Compiling is most of a tiny run's time on JAX; these programs need no speed.
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+FAST_XLA = (
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    " --xla_cpu_use_fusion_emitters=false"
+)
 
 
 def free_ports(count: int) -> list[int]:
