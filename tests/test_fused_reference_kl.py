@@ -166,15 +166,17 @@ def train(alpha, direction, mode="concat", **options):
     return history.history, [to_numpy(w) for w in model.weights]
 
 
-def anchor_matches_general(alpha, direction, chunked=None, **options):
+def anchor_matches_general(alpha, direction, chunked=None, general_key=None, **options):
     """The fused anchor path trains as the general anchor path; R-Drop's own
     fused path stays on for the general run: only the anchor's fusion
-    differs. Returns the fused run."""
+    differs. `general_key`: see `assert_fused_matches_general`. Returns the
+    fused run."""
     fused, _ = assert_fused_matches_general(
         lambda: train(alpha, direction, **options),
         "fused_anchor",
         ("fused_anchor", "fused_rdrop"),
         ("fused_rdrop",),
+        general_key=general_key,
         chunked=chunked,
     )
     return fused
@@ -218,7 +220,12 @@ def test_fused_anchor_path_trains_like_the_general_path(
     # takes (`chunked_for`), forced on every backend.
     set_chunks(chunk_elements or 2**21)
     chunked = False if chunk_elements is None else None
-    fused = anchor_matches_general(alpha, direction, chunked=chunked)
+    # The general run: without R-Drop it has no fused pass, so the chunk
+    # size does not enter it and the cases of one direction share one run.
+    key = (alpha, direction) if alpha == 0 else (alpha, direction, chunk_elements)
+    fused = anchor_matches_general(
+        alpha, direction, chunked=chunked, general_key=("anchor_lm", *key)
+    )
     # The reference pulls: the KL is not small after the first epoch.
     assert fused[0]["ref_kl"][-1] > 1e-3
 

@@ -1,5 +1,7 @@
 """Test helpers: float64 NumPy references and assertions. No framework imports."""
 
+import copy
+
 import keras
 import numpy as np
 import pytest
@@ -89,7 +91,34 @@ def assert_same_training(actual, expected):
         assert_allclose(weight, expected_weight, rtol=1e-4, atol=1e-5)
 
 
-def assert_fused_matches_general(train, fused_path, fused_paths, general_paths, **kw):
+_TRAINED: dict = {}
+
+
+def trained(key, run):
+    """`run()`'s result, computed once per test session for each `key`.
+
+    For deterministic training runs that several tests read: the
+    uninterrupted reference of the resume tests, the general half of the
+    fused-versus-general pairs. `key` must name everything the run depends
+    on (builder, settings, data, seeds); `run()` must return plain Python and
+    NumPy values (histories, weights), never live models or tensors. Each
+    caller gets its own deep copy.
+
+    Args:
+        key: A hashable that identifies the run.
+        run: Trains and returns the result; called on the key's first use.
+
+    Returns:
+        A deep copy of the stored result.
+    """
+    if key not in _TRAINED:
+        _TRAINED[key] = run()
+    return copy.deepcopy(_TRAINED[key])
+
+
+def assert_fused_matches_general(
+    train, fused_path, fused_paths, general_paths, general_key=None, **kw
+):
     """Two runs of `train()`: the fused path taken, and then not; same training.
 
     Args:
@@ -99,21 +128,32 @@ def assert_fused_matches_general(train, fused_path, fused_paths, general_paths, 
         fused_path: The path the first run must take, at every step.
         fused_paths: The fused paths allowed in the first run (`use_paths`).
         general_paths: Those allowed in the second, without `fused_path`.
+        general_key: When given, the second run is `trained(general_key)`:
+            one run shared by the tests whose general half is the same (the
+            key names what it depends on).
         **kw: Passed to `use_paths` (`chunked=`).
 
     Returns:
         The two runs, fused first.
     """
-    runs = []
-    for allowed in (fused_paths, general_paths):
+
+    def run(allowed):
         with use_paths(*allowed, **kw), record_paths() as taken:
-            runs.append(train())
-        if allowed is fused_paths:
-            assert taken and set(taken) == {fused_path}, "the path was not taken"
-        else:
-            assert taken and fused_path not in taken
-    assert_same_training(runs[0], runs[1])
-    return runs
+            result = train()
+        return result, list(taken)
+
+    fused, taken = run(fused_paths)
+    assert taken and set(taken) == {fused_path}, "the path was not taken"
+    if general_key is None:
+        general, taken = run(general_paths)
+    else:
+        general, taken = trained(
+            ("general", fused_path, general_paths, general_key),
+            lambda: run(general_paths),
+        )
+    assert taken and fused_path not in taken
+    assert_same_training(fused, general)
+    return [fused, general]
 
 
 def consistency(model, y_pred_1, y_pred_2, sample_weight=None):

@@ -22,7 +22,7 @@ import pytest
 from keras_rdrop import RDropModel, ReferenceKLRegularizer
 from keras_rdrop.src import seed_state
 from tests.models import NUM_CLASSES, classification_data, mlp, sparse_ce
-from tests.testing import crash_and_resume, to_numpy
+from tests.testing import crash_and_resume, to_numpy, trained
 
 TORCH_CPU_KEY = "seed_state_torch_cpu_rank0"
 
@@ -69,6 +69,23 @@ def state(model):
     return [to_numpy(v) for v in model.variables]
 
 
+def uninterrupted(inner="seeded", mode="concat", anchor=False):
+    """The uninterrupted 3-epoch run of `make(0, inner, mode)`, as NumPy:
+    shared by the tests that compare with it (`trained`)."""
+
+    def run():
+        model = train(make(0, inner=inner, mode=mode), [], anchor=anchor)
+        return {
+            "variables": state(model),
+            "optimizer": state(model.optimizer),
+            "weights": [to_numpy(w) for w in model.model.weights],
+            "reference": [to_numpy(w) for w in model.reference.ref_weights],
+            "iterations": int(to_numpy(model.optimizer.iterations)),
+        }
+
+    return trained(("exact_resume", inner, mode, anchor), run)
+
+
 def interrupted_and_resumed(tmp_path, anchor=False, **kwargs):
     _, resumed = crash_and_resume(
         lambda seed: make(seed, **kwargs),
@@ -90,33 +107,34 @@ def interrupted_and_resumed(tmp_path, anchor=False, **kwargs):
 def test_resumed_run_is_bitwise_the_uninterrupted_one(tmp_path, inner, mode):
     # "unseeded" on torch: the masks come from torch's global generator,
     # whose state the checkpoint holds.
-    reference = train(make(0, inner=inner, mode=mode), [])
+    reference = uninterrupted(inner, mode)
     resumed = interrupted_and_resumed(tmp_path, inner=inner, mode=mode)
     # Every variable: weights and the seed states themselves.
-    for a, b in zip(state(resumed), state(reference)):
+    for a, b in zip(state(resumed), reference["variables"], strict=True):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(state(resumed.optimizer), state(reference.optimizer), strict=True):
+    for a, b in zip(state(resumed.optimizer), reference["optimizer"], strict=True):
         np.testing.assert_array_equal(a, b)
 
 
 def test_resume_with_the_anchor_and_dropout_is_bitwise(tmp_path):
-    reference = train(make(0), [], anchor=True)
+    reference = uninterrupted(anchor=True)
     resumed = interrupted_and_resumed(tmp_path, anchor=True)
-    for a, b in zip(state(resumed), state(reference)):
+    for a, b in zip(state(resumed), reference["variables"], strict=True):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(resumed.reference.ref_weights, reference.reference.ref_weights):
-        np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+    ref_weights = resumed.reference.ref_weights
+    for a, b in zip(ref_weights, reference["reference"], strict=True):
+        np.testing.assert_array_equal(to_numpy(a), b)
 
 
 def test_without_the_seed_states_the_resumed_masks_differ(tmp_path, monkeypatch):
     """The control: what Keras alone gives (the test above can fail)."""
-    reference = train(make(0), [])
+    reference = uninterrupted()
     monkeypatch.setattr(
         "keras_rdrop.src.rdrop_model.save_seed_states", lambda model, store: None
     )
     resumed = interrupted_and_resumed(tmp_path)
-    weights = zip(resumed.model.weights, reference.model.weights)
-    assert any(not np.array_equal(to_numpy(a), to_numpy(b)) for a, b in weights)
+    weights = zip(resumed.model.weights, reference["weights"], strict=True)
+    assert any(not np.array_equal(to_numpy(a), b) for a, b in weights)
 
 
 def test_checkpoints_hold_the_seed_states(tmp_path):
@@ -190,11 +208,11 @@ def test_backups_within_an_epoch_replay_the_epoch(tmp_path):
     """Keras' `BackupAndRestore(save_freq=N)` resumes at the interrupted
     epoch's first batch, from weights saved in its middle: the first batches
     are trained twice, so only `save_freq="epoch"` resumes exactly."""
-    reference = train(make(0), [])
+    reference = uninterrupted()
     _, resumed = crash_and_resume(make, train, tmp_path / "backup", save_freq=2)
     # 3 epochs of 6 steps; the resumed run saved after 4 steps of epoch 1 and
     # then ran epochs 1 and 2 in full.
-    assert int(to_numpy(reference.optimizer.iterations)) == 18
+    assert reference["iterations"] == 18
     assert int(to_numpy(resumed.optimizer.iterations)) == 6 + 4 + 12
 
 
@@ -205,11 +223,11 @@ def test_without_torchs_generator_state_an_unseeded_resume_differs(
     """The control for torch's `Dropout(seed=None)`: Keras draws its masks
     from torch's global generator; without its saved state the resumed run
     differs (seen: 1.3e-2 in a user's run, 6e-3 here)."""
-    reference = train(make(0, inner="unseeded"), [])
+    reference = uninterrupted(inner="unseeded")
     monkeypatch.setattr(seed_state, "_torch_generator_states", lambda: {})
     resumed = interrupted_and_resumed(tmp_path, inner="unseeded")
-    weights = zip(resumed.model.weights, reference.model.weights)
-    assert any(not np.array_equal(to_numpy(a), to_numpy(b)) for a, b in weights)
+    weights = zip(resumed.model.weights, reference["weights"], strict=True)
+    assert any(not np.array_equal(to_numpy(a), b) for a, b in weights)
 
 
 @pytest.mark.torch
