@@ -67,7 +67,7 @@ def test_kl_weight_at_step_k_is_the_schedule_at_k(loss, labels):
         task = 0.5 * (np_sparse_ce(a, y) + np_sparse_ce(b, y))
         skl = np.mean(np_symmetric_kl(a.astype("float64"), b.astype("float64")))
         assert_allclose(got, task + np_warm_up(k) * skl, rtol=1e-5)
-        assert_allclose(model.alpha_trackers[0].result(), np_warm_up(k))
+        assert_allclose(model.alpha_state.trackers[0].result(), np_warm_up(k))
     assert int(ops.convert_to_numpy(model.alpha_step)) == 6
 
 

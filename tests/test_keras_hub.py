@@ -120,10 +120,10 @@ def test_causal_lm_padding_counts_for_nothing():
     logits = to_numpy(lm(x, training=False))
     other = logits + np.random.default_rng(0).normal(size=logits.shape)
     weight = to_numpy(weight).astype("float32")
-    kl = consistency(model, logits, other, weight)["unweighted"]
+    kl = consistency(model, logits, other, weight).unweighted
     shuffled = other.copy()
     shuffled[weight == 0] = 50.0
-    assert_allclose(consistency(model, logits, shuffled, weight)["unweighted"], kl)
+    assert_allclose(consistency(model, logits, shuffled, weight).unweighted, kl)
 
 
 def test_saved_task_round_trip(tmp_path):

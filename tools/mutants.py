@@ -49,6 +49,22 @@ class Mutant:
 S = "keras_rdrop/src/"
 MUTANTS = [
     Mutant(
+        "alpha-legacy-file",
+        "alpha's variables in a file from before `AlphaState` are not loaded",
+        S + "rdrop_model.py",
+        "        if own:\n",
+        "        if False:\n",
+        ("tests/test_alpha_state.py",),
+    ),
+    Mutant(
+        "alpha-schedule-switches-off",
+        "a schedule that is 0 at the start switches the second pass off",
+        S + "alpha_state.py",
+        "        if is_scheduled(self.alpha):\n            return True\n",
+        "",
+        ("tests/test_alpha_state.py", "tests/test_alpha_schedule.py"),
+    ),
+    Mutant(
         "kl-direction",
         "`kind='kl'` computes KL(b‖a) (the anchor's direction swapped)",
         S + "consistency_terms.py",
@@ -241,8 +257,8 @@ MUTANTS = [
         "kl-log-unscaled-weight",
         "`kl_loss` is logged with alpha applied (weighted, not unweighted)",
         S + "rdrop_model.py",
-        'unscale_for_distribution(consistency["unweighted"]),',
-        'unscale_for_distribution(consistency["weighted"]),',
+        "unscale_for_distribution(consistency.unweighted),",
+        "unscale_for_distribution(consistency.weighted),",
         ("tests/test_rdrop_model.py", "tests/test_alpha_schedule.py"),
     ),
     Mutant(

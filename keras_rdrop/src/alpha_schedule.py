@@ -5,14 +5,16 @@ A schedule is one of `weight_schedules`: a
 step with the step as a scalar int32 tensor (so it runs traced, `jit`,
 `tf.function`, `torch.compile`, without retracing), or a plain callable of
 the step, called on the host before each step with the step as a Python int
-and fed to the step through a variable (`alpha_values`), so it may use `if`.
+and fed to the step through a variable (`AlphaState.values`), so it may use
+`if`.
 
 The step is RDropModel's own counter (`alpha_step`, a non-trainable variable
-created only when `alpha` is scheduled): the number of training steps the
-model has taken, saved with its weights. It is a model variable rather than
-`optimizer.iterations` because a JAX training step is stateless: only the
-model's and the metrics' variables are threaded through `compute_loss`, so
-the optimizer's counter would be read as the constant of the first trace.
+of its `AlphaState`, created only when `alpha` is scheduled): the number of
+training steps the model has taken, saved with its weights. It is a model
+variable rather than `optimizer.iterations` because a JAX training step is
+stateless: only the model's and the metrics' variables are threaded through
+`compute_loss`, so the optimizer's counter would be read as the constant of
+the first trace.
 
 The plan (`output_plan.build_plan`) sees a scheduled output with weight 1
 (`plan_alpha`), so its consistency term is always computed (a schedule that
@@ -22,7 +24,7 @@ applies the step's value.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 from keras import ops
@@ -108,7 +110,17 @@ def _group_of(alpha: Any, output_name: str) -> str | None:
     return "alpha" if is_schedule(alpha) else None
 
 
-def weigh_terms(terms, alpha: Any, current: dict) -> dict:
+class Consistency(NamedTuple):
+    """R-Drop's consistency term of a step, summed over the outputs."""
+
+    weighted: Any
+    """`alpha * term` (a scheduled output: its value at the step times the
+    term): what the loss adds."""
+    unweighted: Any
+    """The terms alone: what `kl_loss` logs."""
+
+
+def weigh_terms(terms, alpha: Any, current: dict) -> Consistency:
     """R-Drop's consistency, weighted: each output's term times its `alpha`.
 
     The one place where `alpha` and its schedules weigh the terms, for every
@@ -121,9 +133,9 @@ def weigh_terms(terms, alpha: Any, current: dict) -> dict:
             (`log_names`); empty when nothing is scheduled.
 
     Returns:
-        `{"weighted": ..., "unweighted": ...}`: the sums over the outputs of
-        `alpha * term` (a scheduled output: its value at the step times the
-        term) and of the terms, float32 scalars (0 without terms).
+        A `Consistency`: the sums over the outputs of `alpha * term` (a
+        scheduled output: its value at the step times the term) and of the
+        terms, float32 scalars (0 without terms).
     """
     weighted = unweighted = ops.zeros((), "float32")
     for entry, value in terms:
@@ -133,7 +145,7 @@ def weigh_terms(terms, alpha: Any, current: dict) -> dict:
         if group is not None and group in current:
             term = current[group] * term
         weighted = weighted + term
-    return {"weighted": weighted, "unweighted": unweighted}
+    return Consistency(weighted, unweighted)
 
 
 def serialize_alpha(alpha: Any):

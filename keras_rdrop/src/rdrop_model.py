@@ -11,17 +11,12 @@ import keras
 from keras import ops
 
 from keras_rdrop.src.alpha_schedule import (
-    CurrentValue,
-    advance,
     deserialize_alpha,
-    host_schedules,
-    is_scheduled,
-    log_names,
     serialize_alpha,
-    step_counter,
     validate_alpha,
     weigh_terms,
 )
+from keras_rdrop.src.alpha_state import AlphaState
 from keras_rdrop.src.anchor_state import AnchorState
 from keras_rdrop.src.consistency_terms import copy_sample_weight
 from keras_rdrop.src.fused_reference_kl import chunked_for
@@ -37,12 +32,7 @@ from keras_rdrop.src.shared_prefix import PrefixSharing
 from keras_rdrop.src.stacked_passes import split_passes, stack_twice
 from keras_rdrop.src.step_inputs import StepInputs
 from keras_rdrop.src.step_paths import select_path
-from keras_rdrop.src.weight_schedules import (
-    HostScheduleFeed,
-    Schedule,
-    feed,
-    host_variable,
-)
+from keras_rdrop.src.weight_schedules import Schedule
 
 MODES = ("sequential", "concat")
 _OWN_LOG_NAMES = ("kl_loss", "task_loss", "ref_kl")
@@ -281,17 +271,9 @@ class RDropModel(TaskPreprocessingModel):
         self._prefix = PrefixSharing(share_prefix)
         self.kl_loss_tracker = keras.metrics.Mean(name="kl_loss")
         self.task_loss_tracker = keras.metrics.Mean(name="task_loss")
-        # A scheduled alpha: the step counter it is evaluated at, and one
-        # logged value per schedule. Only then, so that models with a float
-        # alpha keep exactly their variables (and old files load).
-        self._alpha_schedules = log_names(alpha)
-        if self._alpha_schedules:
-            self.alpha_step = step_counter()
-            self.alpha_trackers = [CurrentValue(name) for name in self._alpha_schedules]
-        # A plain callable's value, fed from the host before each step.
-        host = host_schedules(alpha)
-        self.alpha_values = [host_variable(f"{name}_value") for name in host]
-        self._alpha_feeds = list(zip(host, host.values(), self.alpha_values))
+        # Alpha's step counter, logged values and host feeds (none for a
+        # float alpha), the mirror of the anchor's state.
+        self.alpha_state = AlphaState(alpha, name="alpha_state")
         # Filled by `ReferenceKLRegularizer`; holds no variables until then.
         self.anchor = AnchorState(name="anchor")
         self.reference = ReferenceSnapshot(
@@ -326,44 +308,27 @@ class RDropModel(TaskPreprocessingModel):
                 stacklevel=3,
             )
 
+    @property
+    def alpha_step(self) -> keras.Variable:
+        """The training steps this model has taken, for a scheduled `alpha`
+        (saved with the model); there is none for a float `alpha`."""
+        if self.alpha_state.step is None:
+            raise AttributeError(
+                "`alpha_step` exists only for a scheduled `alpha`; this model's "
+                f"alpha is {self.alpha!r}."
+            )
+        return self.alpha_state.step
+
     def _rdrop_enabled(self) -> bool:
-        # A schedule may be 0 now and positive later: the second pass runs.
-        if is_scheduled(self.alpha):
-            return True
-        if isinstance(self.alpha, dict):
-            return any(a > 0 for a in self.alpha.values())
-        return self.alpha > 0
-
-    def _advance_alpha_step(self) -> dict:
-        """Each schedule's value at this training step; advances the step."""
-        if not self._alpha_schedules:
-            return {}
-        fed = {name: variable for name, _, variable in self._alpha_feeds}
-        return advance(self.alpha_step, self._alpha_schedules, self.alpha_trackers, fed)
-
-    def _step_count(self) -> int:
-        """This model's training steps so far (`alpha_step`), read on the host."""
-        return int(ops.convert_to_numpy(self.alpha_step))
+        return self.alpha_state.enabled
 
     def _training_callbacks(self, callbacks):
         """`callbacks` and the feed of a plain-callable `alpha`, for `fit`."""
-        if not self._alpha_feeds:
-            return callbacks
-        feed_alpha = HostScheduleFeed(self._alpha_feeds, type(self)._step_count)
-        if isinstance(callbacks, keras.callbacks.CallbackList):
-            raise TypeError(
-                "An RDropModel whose `alpha` is a plain callable evaluates it in "
-                "a callback of its own, which cannot join a CallbackList: pass "
-                "`fit` a list of callbacks."
-            )
-        if isinstance(callbacks, keras.callbacks.Callback):
-            callbacks = [callbacks]
-        return [*(callbacks or []), feed_alpha]
+        return self.alpha_state.with_feed(callbacks)
 
     def _before_train_on_batch(self) -> None:
         """Feeds a plain-callable `alpha` its step, for `train_on_batch`."""
-        if self._alpha_feeds:
-            feed(self._alpha_feeds, self._step_count())
+        self.alpha_state.feed_now()
 
     def compile(
         self, optimizer="rmsprop", loss=None, loss_weights=None, *args, **kwargs
@@ -476,13 +441,13 @@ class RDropModel(TaskPreprocessingModel):
             unscale_for_distribution(losses.task_loss), sample_weight=step.batch_size
         )
         if step.y_pred_2 is not None:
-            current_alphas = self._advance_alpha_step()
+            current_alphas = self.alpha_state.advance()
             consistency = weigh_terms(losses.terms, self.alpha, current_alphas)
-            total = total + consistency["weighted"]
+            total = total + consistency.weighted
             # Under `tf.distribute` the loss values are scaled per replica;
             # the logs show them unscaled, as Keras does for `loss`.
             self.kl_loss_tracker.update_state(
-                unscale_for_distribution(consistency["unweighted"]),
+                unscale_for_distribution(consistency.unweighted),
                 sample_weight=step.batch_size,
             )
         if losses.reference_kl is not None:
@@ -594,7 +559,7 @@ class RDropModel(TaskPreprocessingModel):
         results = super().compute_metrics(x, y, y_pred, sample_weight)
         if not self._in_training_step:
             # `evaluate` reports exactly what the inner model would.
-            own = set(_OWN_LOG_NAMES) | set(self._alpha_schedules)
+            own = set(_OWN_LOG_NAMES) | set(self.alpha_state.schedules)
             results = {k: v for k, v in results.items() if k not in own}
         else:
             if self._reference_run() is None:
@@ -618,7 +583,10 @@ class RDropModel(TaskPreprocessingModel):
     def load_own_variables(self, store):
         """Loads what `save_own_variables` saved (seed states if present)."""
         own = {key: store[key] for key in store.keys() if not is_seed_key(key)}
-        super().load_own_variables(own)
+        if own:
+            # Written before `AlphaState`: alpha's variables were the model's
+            # own, in the order `AlphaState` creates them.
+            self.alpha_state.load_own_variables(own)
         load_seed_states(self.model, store)
 
     def get_config(self) -> dict:
