@@ -44,7 +44,7 @@ def _model(mode, vocabulary=None):
         )
     model = RDropModel(inner, alpha=1.0, mode=mode)
     model.compile(
-        optimizer="adam",
+        optimizer="sgd",
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=True,
     )
