@@ -9,12 +9,14 @@ from keras_rdrop.src.divergences import kl_divergence, symmetric_kl_divergence
 from keras_rdrop.src.losses import SymmetricKLDivergence
 from keras_rdrop.src.rdrop_model import RDropModel
 from keras_rdrop.src.reference_kl_regularizer import ReferenceKLRegularizer
+from keras_rdrop.src.step_mode import TrainingOutputs
 from keras_rdrop.src.version import __version__
 
 __all__ = [
     "RDropModel",
     "ReferenceKLRegularizer",
     "SymmetricKLDivergence",
+    "TrainingOutputs",
     "__version__",
     "get_chunk_elements",
     "kl_divergence",

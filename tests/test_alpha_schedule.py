@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_rdrop import RDropModel
+from keras_rdrop import RDropModel, TrainingOutputs
 from tests.models import classification_data, mlp, sparse_ce
 from tests.testing import assert_allclose, np_log_softmax, np_symmetric_kl
 
@@ -62,7 +62,7 @@ def test_kl_weight_at_step_k_is_the_schedule_at_k(loss, labels):
     for k in range(6):
         a, b = passes(k)
         got = model.compute_loss(
-            x, y_in, np.concatenate([a, b]), sample_weight=None, training=True
+            x, y_in, TrainingOutputs(a, b), sample_weight=None, training=True
         )
         task = 0.5 * (np_sparse_ce(a, y) + np_sparse_ce(b, y))
         skl = np.mean(np_symmetric_kl(a.astype("float64"), b.astype("float64")))
@@ -91,7 +91,7 @@ def test_a_dict_mixes_schedules_and_floats():
     unweighted = []
     for k in range(5):
         (a1, a2), (b1, b2) = passes(2 * k), passes(2 * k + 1)
-        y_pred = {"a": np.concatenate([a1, a2]), "b": np.concatenate([b1, b2])}
+        y_pred = TrainingOutputs({"a": a1, "b": b1}, {"a": a2, "b": b2})
         got = model.compute_loss(x, {"a": y, "b": y}, y_pred, training=True)
         task = sum(
             0.5 * (np_sparse_ce(p, y) + np_sparse_ce(q, y))

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_rdrop import RDropModel, ReferenceKLRegularizer
+from keras_rdrop import RDropModel, ReferenceKLRegularizer, TrainingOutputs
 from keras_rdrop.src.shared_prefix import split_model, training_false_semantics
 from tests.models import NUM_CLASSES, sparse_ce
 from tests.testing import assert_allclose, assert_same_training, to_numpy
@@ -552,4 +552,6 @@ def test_a_direct_training_call_returns_both_passes():
     model.make_train_function()
     x = data()[0][:4]
     out = model(ops.convert_to_tensor(x), training=True)
-    assert tuple(out.shape) == (8, NUM_CLASSES)
+    assert isinstance(out, TrainingOutputs)
+    assert tuple(out.first.shape) == tuple(out.second.shape) == (4, NUM_CLASSES)
+    assert out.prefix is None  # no anchor: nothing reuses the prefix's output

@@ -49,6 +49,55 @@ class Mutant:
 S = "keras_rdrop/src/"
 MUTANTS = [
     Mutant(
+        "step-sequential-one-pass",
+        "in sequential mode the second pass is the first one again",
+        S + "step_mode.py",
+        "            second = head(source, training=True)\n",
+        "            second = first\n",
+        ("tests/test_rdrop_model.py", "tests/test_step_mode.py"),
+    ),
+    Mutant(
+        "step-prefix-not-carried",
+        "the training call drops the prefix's output the reference reuses",
+        S + "step_mode.py",
+        "first, second, prefix if self.reference_reuses_prefix else None",
+        "first, second, None",
+        ("tests/test_step_mode.py", "tests/test_shared_prefix.py"),
+    ),
+    Mutant(
+        "step-stacked-in-sequential",
+        "sequential mode stacks its passes as concat mode does",
+        S + "step_mode.py",
+        'stacked=rdrop and mode == "concat",',
+        "stacked=rdrop,",
+        ("tests/test_step_mode.py", "tests/test_shared_prefix.py"),
+    ),
+    Mutant(
+        "step-reuse-of-a-copied-prefix",
+        "the reference reuses a frozen prefix whose weights the snapshot copied",
+        S + "step_mode.py",
+        "        and not reference.snapshot.copies_any("
+        "reference.model, split.prefix.weights)\n",
+        "",
+        ("tests/test_step_mode.py", "tests/test_shared_prefix.py"),
+    ),
+    Mutant(
+        "step-metrics-on-the-second-pass",
+        "the training metrics measure the second pass",
+        S + "rdrop_model.py",
+        "x, y, y_pred.first if training else y_pred, sample_weight",
+        "x, y, y_pred.second if training else y_pred, sample_weight",
+        ("tests/test_step_mode.py", "tests/test_rdrop_model.py"),
+    ),
+    Mutant(
+        "step-decided-at-every-call",
+        "the step mode is decided again at each call instead of once",
+        S + "rdrop_model.py",
+        "        if state not in self._step_modes:  # a call outside `fit`\n",
+        "        if True:\n",
+        ("tests/test_step_mode.py",),
+    ),
+    Mutant(
         "alpha-legacy-file",
         "alpha's variables in a file from before `AlphaState` are not loaded",
         S + "rdrop_model.py",

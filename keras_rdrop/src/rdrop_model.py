@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import warnings
 from typing import Any
@@ -29,8 +28,8 @@ from keras_rdrop.src.reference_penalty import ReferenceRun, kl_kind, weighted_pe
 from keras_rdrop.src.reference_snapshot import ReferenceSnapshot
 from keras_rdrop.src.seed_state import is_seed_key, load_seed_states, save_seed_states
 from keras_rdrop.src.shared_prefix import PrefixSharing
-from keras_rdrop.src.stacked_passes import split_passes, stack_twice
 from keras_rdrop.src.step_inputs import StepInputs
+from keras_rdrop.src.step_mode import StepMode, TrainingOutputs, decide_step
 from keras_rdrop.src.step_paths import select_path
 from keras_rdrop.src.weight_schedules import Schedule
 
@@ -55,6 +54,20 @@ def _check_model(model) -> None:
         raise TypeError(
             "`model` is already an `RDropModel`. Wrap the inner model once."
         )
+
+
+def _training_outputs(y_pred) -> TrainingOutputs:
+    """`y_pred` of a training step, which `RDropModel.call(training=True)`
+    makes; a `TypeError` for anything else."""
+    if not isinstance(y_pred, TrainingOutputs):
+        raise TypeError(
+            "`RDropModel.compute_loss(..., training=True)` takes the output of "
+            "the model's own training call, `y_pred = model(x, training=True)` "
+            "(a `TrainingOutputs` of both passes). Received: y_pred of type "
+            f"{type(y_pred).__name__}. For the loss of one pass, call "
+            "`compute_loss(..., training=False)`."
+        )
+    return y_pred
 
 
 def _check_from_logits(from_logits) -> None:
@@ -141,10 +154,12 @@ class RDropModel(TaskPreprocessingModel):
             R-Drop paper does) and splits the output. The math is the same;
             with `"concat"`, BatchNormalization sees 2B rows (the same batch
             twice, so the same statistics) and updates its moving averages
-            once per step instead of twice. In this mode, calling the
-            `RDropModel` itself with `training=True` returns both passes
-            stacked along the batch axis; `predict`, `evaluate` and calls with
-            `training=False` return one pass. Defaults to `"concat"`.
+            once per step instead of twice. In either mode, calling the
+            `RDropModel` itself with `training=True` returns the training
+            step's `TrainingOutputs(first, second, prefix)` (both passes, for
+            `compute_loss`); `predict`, `evaluate` and calls with
+            `training=False` return one pass, as the inner model does.
+            Defaults to `"concat"`.
         from_logits: Overrides what the compiled loss says: `True` for
             logits, `False` for probabilities, or a dict keyed by output name.
             Required for outputs whose loss is a custom callable. Defaults to
@@ -286,9 +301,9 @@ class RDropModel(TaskPreprocessingModel):
         # the steps built for other states (`make_train_function`).
         self._train_function_state = None
         self._train_functions = {}
-        # Keras calls `compute_metrics` without a `training` argument, after
-        # `compute_loss`: the one flag, set there, that says which step it is.
-        self._in_training_step = False
+        # The training step's `StepMode` for each anchor state
+        # (`_step_mode`), decided when the step is built.
+        self._step_modes = {}
         if model.built:
             # RDropModel has no weights of its own: it is built when the inner
             # model is (BackupAndRestore, for one, requires a built model).
@@ -338,6 +353,7 @@ class RDropModel(TaskPreprocessingModel):
         self._loss_weights = loss_weights
         self._plans.clear()
         self._train_functions = {}
+        self._step_modes = {}
         super().compile(optimizer, loss, loss_weights, *args, **kwargs)
 
     def make_train_function(self, force=False):
@@ -352,6 +368,8 @@ class RDropModel(TaskPreprocessingModel):
         """
         self._prefix.prepare(self.model, rdrop=self._rdrop_enabled())
         state = self._anchor_state()
+        # Decided again at each `fit`: layers may be unfrozen between them.
+        self._step_modes[state] = self._decide_step()
         if self.train_function is not None and not force:
             if self._train_function_state == state:
                 return self.train_function
@@ -393,47 +411,45 @@ class RDropModel(TaskPreprocessingModel):
         # `ReferenceKLRegularizer` fills it.
         pass
 
-    def _stacks(self, training) -> bool:
-        """Whether a call with `training` runs both passes as one, `[x; x]`."""
-        return bool(training) and self.mode == "concat" and self._rdrop_enabled()
+    def _decide_step(self) -> StepMode:
+        """Every decision about the training step, for the anchor's state."""
+        settings = self.anchor.settings
+        reference = None
+        if settings is not None and self.reference.taken:
+            reference = ReferenceRun(self.reference, self.model, kl_kind(settings))
+        return decide_step(
+            rdrop=self._rdrop_enabled(),
+            mode=self.mode,
+            split=self._prefix.split,
+            reference=reference,
+            chunked=chunked_for(self),
+        )
 
-    def _shared_split(self, training):
-        """The prefix split this training call runs, or `None` (whole model)."""
-        split = self._prefix.split
-        if not training or split is None:
-            return None
-        if self._rdrop_enabled() or (
-            split.frozen and self._reference_run() is not None
-        ):
-            return split
-        return None
+    def _step_mode(self) -> StepMode:
+        """The `StepMode` of a training step with the anchor as it is now."""
+        state = self._anchor_state()
+        if state not in self._step_modes:  # a call outside `fit`
+            self._step_modes[state] = self._decide_step()
+        return self._step_modes[state]
 
     def call(self, inputs, training=None):
-        split = self._shared_split(training)
-        if split is None:
-            if not self._stacks(training):
-                return self.model(inputs, training=training)
-            return self.model(stack_twice(inputs), training=training)
-        shared = split.prefix(inputs, training=training)
-        self._prefix.outputs = shared
-        if self._stacks(training):
-            return split.rest(stack_twice(shared), training=training)
-        return split.rest(shared, training=training)
+        if not training:
+            return self.model(inputs, training=training)
+        return self._step_mode().forward(self.model, inputs)
 
     # ------------------------------------------------------------------ loss
 
     def compute_loss(
         self, x=None, y=None, y_pred=None, sample_weight=None, training=True
     ):
-        self._in_training_step = bool(training)
-        self._check_step(y, y_pred, training)
         if not training:
+            self._check_step(y, y_pred, training)
             return super().compute_loss(x, y, y_pred, sample_weight, training=False)
-        step = self._step_inputs(x, y, y_pred, sample_weight)
-        reference = self._reference_run()
-        if reference is not None:
-            reference = self._shared_reference(reference)
-        self._prefix.outputs = None
+        outputs = _training_outputs(y_pred)
+        self._check_step(y, outputs.first, training)
+        mode = self._step_mode()
+        step = self._step_inputs(x, y, outputs, sample_weight, mode)
+        reference = mode.reference_run(outputs)
         path = select_path(step, reference is not None)
         losses = path.compute(step, reference)
         total = losses.task_loss
@@ -456,27 +472,6 @@ class RDropModel(TaskPreprocessingModel):
             )
         return total
 
-    def _reference_run(self) -> ReferenceRun | None:
-        """θ0 and the KL's kind while the anchor is on, else `None`."""
-        settings = self.anchor.settings
-        if settings is None or not self.reference.taken:
-            return None
-        return ReferenceRun(self.reference, self.model, kl_kind(settings))
-
-    def _shared_reference(self, reference: ReferenceRun) -> ReferenceRun:
-        """`reference`, with the live prefix's output to reuse where the
-        prefix is frozen and the snapshot copies none of its weights."""
-        split = self._prefix.split
-        shared = self._prefix.outputs
-        if split is None or not split.frozen or shared is None:
-            return reference
-        # Checked at each trace: layers may be unfrozen between `fit` calls.
-        if split.prefix.trainable_weights or self.reference.copies_any(
-            self.model, split.prefix.weights
-        ):
-            return reference
-        return dataclasses.replace(reference, split=split, shared=shared)
-
     def _check_step(self, y, y_pred, training) -> None:
         """Stops a step that cannot compute its loss, saying how to fix it."""
         if training and self.loss is None and not self.losses:
@@ -495,42 +490,30 @@ class RDropModel(TaskPreprocessingModel):
         if y is not None and self.loss is not None:
             # Also before the first step: Keras' symbolic build at the start
             # of `fit` computes the loss (training=False) on one pass.
-            one_pass = split_passes(y_pred)[0] if self._stacks(training) else y_pred
             output_names = getattr(self.model, "output_names", None)
-            self._check_labels(self.loss, y, one_pass, output_names)
+            self._check_labels(self.loss, y, y_pred, output_names)
 
-    def _step_inputs(self, x, y, y_pred, sample_weight) -> StepInputs:
+    def _step_inputs(
+        self, x, y, outputs: TrainingOutputs, sample_weight, mode: StepMode
+    ) -> StepInputs:
         """The training step's `StepInputs`: both passes and their weights."""
-        if self._stacks(True):
-            y_pred_1, y_pred_2 = split_passes(y_pred)
-        else:
-            y_pred_1 = y_pred
-            y_pred_2 = self._second_pass(x) if self._rdrop_enabled() else None
         return StepInputs(
             x=x,
             y=y,
-            y_pred_1=y_pred_1,
-            y_pred_2=y_pred_2,
+            y_pred_1=outputs.first,
+            y_pred_2=outputs.second,
             sample_weight=sample_weight,
             consistency_weight=None if self.consistency_on_all_rows else sample_weight,
             batch_size=ops.shape(keras.tree.flatten(x)[0])[0],
             plan=self._plans.get(
-                self.model, self.loss, self._plan_settings(), y_pred_1
+                self.model, self.loss, self._plan_settings(), outputs.first
             ),
             loss=self.loss,
             loss_weights=self._loss_weights,
             task_loss_of=self._task_loss_of(x, y, sample_weight),
             additional_losses=additional_losses(self),
-            chunked=chunked_for(self),
+            chunked=mode.chunked,
         )
-
-    def _second_pass(self, x):
-        """The sequential mode's second pass: the rest of the model on the
-        shared prefix's output, or the whole model."""
-        split = self._shared_split(True)
-        if split is None or self._prefix.outputs is None:
-            return self.model(x, training=True)
-        return split.rest(self._prefix.outputs, training=True)
 
     def _plan_settings(self) -> PlanSettings:
         return PlanSettings(
@@ -554,18 +537,21 @@ class RDropModel(TaskPreprocessingModel):
     # --------------------------------------------------------------- metrics
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        if self._stacks(self._in_training_step):
-            y_pred, _ = split_passes(y_pred)
-        results = super().compute_metrics(x, y, y_pred, sample_weight)
-        if not self._in_training_step:
+        # A training step's `y_pred` is the `TrainingOutputs` of `call`: the
+        # metrics see the first pass.
+        training = isinstance(y_pred, TrainingOutputs)
+        results = super().compute_metrics(
+            x, y, y_pred.first if training else y_pred, sample_weight
+        )
+        if not training:
             # `evaluate` reports exactly what the inner model would.
             own = set(_OWN_LOG_NAMES) | set(self.alpha_state.schedules)
-            results = {k: v for k, v in results.items() if k not in own}
-        else:
-            if self._reference_run() is None:
-                results.pop("ref_kl", None)
-            if not self._rdrop_enabled():
-                results.pop("kl_loss", None)
+            return {k: v for k, v in results.items() if k not in own}
+        mode = self._step_mode()
+        if mode.reference is None:
+            results.pop("ref_kl", None)
+        if not mode.rdrop:
+            results.pop("kl_loss", None)
         return results
 
     # ---------------------------------------------------------- serialization

@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import inspect
 import logging
-import threading
 import warnings
 
 import keras
@@ -287,19 +286,6 @@ class PrefixSharing:
         self.enabled = enabled
         self._model = None
         self._split = None
-        # Per thread: `tf.distribute` runs each replica's step in a thread.
-        self._step = threading.local()
-
-    @property
-    def outputs(self):
-        """The prefix's output in the step being traced (or run eagerly):
-        set by `RDropModel.call`, read by the second pass and the reference,
-        cleared by `compute_loss`. `None` outside a training step."""
-        return getattr(self._step, "outputs", None)
-
-    @outputs.setter
-    def outputs(self, value):
-        self._step.outputs = value
 
     def prepare(self, model: keras.Model, rdrop: bool = True) -> PrefixSplit | None:
         """Splits `model` the first time; says once, at info level, what was
