@@ -138,16 +138,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True, scope="session")
 def _jax_compilation_cache(tmp_path_factory):
-    """On JAX, a compilation cache: many tests build the same tiny models,
-    so XLA compiles the same programs again and again; a cache hit skips the
-    compiler (a quarter of the JAX suite's time). The cache is new each run
-    (pytest's temporary folder), unless `JAX_COMPILATION_CACHE_DIR` names
-    one: tox gives both JAX envs the same folder, so the Keras 3.15 env
-    reuses the programs the Keras 3.16 env compiled where they are the same
-    (its subset: 91 s without, 68 s with). A hit needs the same program and
-    compile options, so the results are those of a fresh compile. The cache
-    is kept at most 2 GB, under a file lock. The workers that multi-process
-    tests start compile on their own (sharing the cache saved them nothing)."""
+    """On JAX, a compilation cache for this run: many tests build the same
+    tiny models, so XLA compiles the same programs again and again; a cache
+    hit skips the compiler (a quarter of the JAX suite's time). The cache is
+    new each run (pytest's temporary folder) and this process's only: the
+    workers that multi-process tests start compile on their own."""
     if keras.backend.backend() != "jax":
         yield
         return
@@ -157,14 +152,11 @@ def _jax_compilation_cache(tmp_path_factory):
         "jax_compilation_cache_dir",
         "jax_persistent_cache_min_compile_time_secs",
         "jax_persistent_cache_min_entry_size_bytes",
-        "jax_compilation_cache_max_size",
     )
     before = {name: getattr(jax.config, name) for name in names}
-    folder = os.environ.get("JAX_COMPILATION_CACHE_DIR")
-    jax.config.update(names[0], folder or str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update(names[0], str(tmp_path_factory.mktemp("xla_cache")))
     jax.config.update(names[1], 0.0)
     jax.config.update(names[2], 0)
-    jax.config.update(names[3], 2 * 1024**3)  # eviction, and with it a lock
     yield
     for name, value in before.items():
         jax.config.update(name, value)

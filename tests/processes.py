@@ -42,9 +42,6 @@ def child_env(backend: str, **extra: str) -> dict:
     """The environment of a worker: this checkout's `keras_rdrop` first on
     `PYTHONPATH`, `backend`, CPU only and one thread; `extra` on top."""
     env = dict(os.environ)
-    # Workers compile on their own: two of them would write the pytest
-    # process's compilation cache at once (tests/conftest.py).
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     root = str(Path(keras_rdrop.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env["KERAS_BACKEND"] = backend

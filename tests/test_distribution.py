@@ -34,7 +34,6 @@ WEIGHT_ATOL = 1e-5
 
 def run_script(name):
     env = dict(os.environ)
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # its own compiles (conftest.py)
     # The child imports the same `keras_rdrop` as this process.
     package_root = str(Path(keras_rdrop.__file__).resolve().parent.parent)
     paths = [package_root, env.get("PYTHONPATH", "")]
