@@ -200,9 +200,14 @@ def test_record_paths_sees_compute_loss(monkeypatch):
 
 
 def test_use_paths_passes_chunked_to_the_fused_anchor_pass(monkeypatch):
-    # The fused anchor pass, and the reference's forward pass, replaced by
-    # stubs that record what they get.
-    step = lm_step(monkeypatch, alpha=0.0)
+    # `use_paths(chunked=...)` sets the step's `chunked` when the step is
+    # decided (`StepMode.chunked`); the fused anchor pass, and the
+    # reference's forward pass, replaced by stubs that record what they get.
+    default = lm_step(monkeypatch, alpha=0.0).chunked
+    steps = []
+    for chunked in (None, False, True):
+        with use_paths("fused_anchor", chunked=chunked):
+            steps.append(lm_step(monkeypatch, alpha=0.0))
     seen = []
 
     def compute(step, ref_pred, kind):
@@ -216,12 +221,11 @@ def test_use_paths_passes_chunked_to_the_fused_anchor_pass(monkeypatch):
         step_paths, "reference_outputs", lambda *args: ([None], ["reference"])
     )
     reference = types.SimpleNamespace(kind="reverse_kl")
-    for chunked in (None, False, True):
-        with use_paths("fused_anchor", chunked=chunked):
-            losses = FusedAnchorPath().compute(step, reference)
+    for step in steps:
+        losses = FusedAnchorPath().compute(step, reference)
         assert losses == StepLosses("task", (), "ref_kl")
     assert seen == [
-        (step.chunked, "reference", "reverse_kl"),
+        (default, "reference", "reverse_kl"),
         (False, "reference", "reverse_kl"),
         (True, "reference", "reverse_kl"),
     ]

@@ -298,8 +298,8 @@ MUTANTS = [
         "evaluate-keeps-own-logs",
         "`evaluate` reports R-Drop's own logs (kl_loss, task_loss)",
         S + "rdrop_model.py",
-        "results = {k: v for k, v in results.items() if k not in own}",
-        "results = dict(results)",
+        "return {k: v for k, v in results.items() if k not in own}",
+        "return dict(results)",
         ("tests/test_rdrop_model.py",),
     ),
     Mutant(

@@ -30,7 +30,7 @@ from keras_rdrop.src.seed_state import is_seed_key, load_seed_states, save_seed_
 from keras_rdrop.src.shared_prefix import PrefixSharing
 from keras_rdrop.src.step_inputs import StepInputs
 from keras_rdrop.src.step_mode import StepMode, TrainingOutputs, decide_step
-from keras_rdrop.src.step_paths import select_path
+from keras_rdrop.src.step_paths import chunked_setting, select_path
 from keras_rdrop.src.weight_schedules import Schedule
 
 MODES = ("sequential", "concat")
@@ -422,7 +422,7 @@ class RDropModel(TaskPreprocessingModel):
             mode=self.mode,
             split=self._prefix.split,
             reference=reference,
-            chunked=chunked_for(self),
+            chunked=chunked_setting(chunked_for(self)),
         )
 
     def _step_mode(self) -> StepMode:

@@ -20,7 +20,6 @@ and `record_paths` lists what was chosen, for tests and benchmarks.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 from keras_rdrop.src.consistency_terms import pairwise_terms
 from keras_rdrop.src.fused_cross_entropy import FUSED_LANGUAGE_MODEL
@@ -81,8 +80,6 @@ class FusedRDropPath:
         return FUSED_LANGUAGE_MODEL.applies(step)
 
     def compute(self, step: StepInputs, reference: ReferenceRun | None) -> StepLosses:
-        if _chunked is not None:
-            step = dataclasses.replace(step, chunked=_chunked)
         task_loss, kl = FUSED_LANGUAGE_MODEL.compute(step)
         ref_kl = None
         if reference is not None:
@@ -101,8 +98,6 @@ class FusedAnchorPath:
 
     def compute(self, step: StepInputs, reference: ReferenceRun | None) -> StepLosses:
         _, (ref_pred,) = reference_outputs(reference, step.plan, step.x, step.y_pred_1)
-        if _chunked is not None:
-            step = dataclasses.replace(step, chunked=_chunked)
         task_loss, rdrop_kl, ref_kl = FUSED_ANCHOR.compute(
             step, ref_pred, reference.kind
         )
@@ -136,6 +131,13 @@ def select_path(step: StepInputs, anchored: bool):
                 record.append(path.name)
             return path
     raise AssertionError("unreachable: the general path always applies")
+
+
+def chunked_setting(default: bool) -> bool:
+    """Whether the fused passes run by chunks: `default` (`chunked_for`),
+    unless `use_paths(chunked=...)` says otherwise. Read once, when the
+    training step is decided (`step_mode.decide_step`)."""
+    return default if _chunked is None else _chunked
 
 
 @contextlib.contextmanager
